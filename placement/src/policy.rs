@@ -1,0 +1,282 @@
+//! Placement policy as the priority a node attaches to its pulls, and the starvation guard.
+//!
+//! The server serves waiting pulls by priority (0 first), then by arrival. So the policy is
+//! expressed as a *fitness bucket* per class: with `pack`, a node that would be nearly full
+//! after taking the class's largest request asks with priority 0 and gets the message before
+//! emptier nodes; `spread` inverts that; `random` draws a bucket. No sleeps, no global view.
+
+use std::time::Duration;
+
+use rand::{Rng, RngExt};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, stable_hash};
+use crate::resources::Resources;
+use crate::shard::ClassKey;
+use crate::time::Timestamp;
+use crate::wire::BacklogFlag;
+
+/// Highest (least urgent) pull priority; NATS priority groups take 0..=9.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// How a node ranks itself for a class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Fill nodes up: the fullest node that fits goes first (best-fit through the server).
+    #[default]
+    Pack,
+    /// Keep nodes even: the emptiest goes first.
+    Spread,
+    /// No preference.
+    Random,
+}
+
+impl Policy {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Pack => "pack",
+            Policy::Spread => "spread",
+            Policy::Random => "random",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pack" => Ok(Policy::Pack),
+            "spread" => Ok(Policy::Spread),
+            "random" => Ok(Policy::Random),
+            _ => Err(format!(
+                "unknown policy `{s}` (known: pack, spread, random)"
+            )),
+        }
+    }
+}
+
+/// Upper edges of the leftover fraction for buckets 0..8 (bucket 9 is everything above).
+/// Finer near "full", where best-fit decisions matter most.
+const LEFTOVER_EDGES: [f64; 9] = [0.01, 0.02, 0.04, 0.07, 0.11, 0.16, 0.24, 0.36, 0.55];
+
+/// The priority a node attaches to a pull for a class whose bound is `bound`, given its
+/// `capacity` and `unallocated` capacity (credit excluded: credit is a promise, not a use).
+pub fn fitness_bucket(
+    policy: Policy,
+    capacity: &Resources,
+    unallocated: &Resources,
+    bound: &Resources,
+    rng: &mut impl Rng,
+) -> u8 {
+    match policy {
+        Policy::Random => rng.random_range(0..=MAX_PRIORITY),
+        Policy::Pack => pack_bucket(capacity, unallocated, bound),
+        Policy::Spread => MAX_PRIORITY - pack_bucket(capacity, unallocated, bound),
+    }
+}
+
+fn pack_bucket(capacity: &Resources, unallocated: &Resources, bound: &Resources) -> u8 {
+    let left = unallocated.saturating_sub(bound).min_fraction_of(capacity);
+    let b = LEFTOVER_EDGES
+        .iter()
+        .take_while(|edge| left > **edge)
+        .count();
+    u8::try_from(b).expect("at most 9 edges")
+}
+
+/// Settings of the large-request starvation guard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Share of eligible nodes that hold back for one backlogged class (0 disables the guard).
+    pub share: f64,
+    /// Longest a backlog may hold nodes back, measured from when it began.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
+    /// A node joins only when its unallocated capacity already covers this fraction of the
+    /// class bound in every dimension (nodes far from fitting would hold back for nothing).
+    pub min_progress: f64,
+    /// Only classes at or above this index are guarded (small ones never starve).
+    pub min_class: u8,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            share: 0.1,
+            max_hold: Duration::from_secs(600),
+            min_progress: 0.25,
+            min_class: 6,
+        }
+    }
+}
+
+/// The guard's decision for one node: keep `headroom` free for `class` until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldBack {
+    /// The backlogged class.
+    pub class: ClassKey,
+    /// The class's upper bound: pulls for other classes may not eat into it.
+    pub headroom: Resources,
+    /// When the hold ends at the latest.
+    pub until: Timestamp,
+}
+
+/// A backlogged class as the guard sees it: the flag plus the class's upper bound.
+#[derive(Debug, Clone)]
+pub struct Backlogged<'a> {
+    /// The flag.
+    pub flag: &'a BacklogFlag,
+    /// The class's upper bound.
+    pub bound: Resources,
+}
+
+/// Decides whether this node holds back for a backlogged large class. Pure: the same inputs
+/// always give the same answer, and a node is elected by a stable hash of (node, class, since),
+/// so about `share` of eligible nodes hold back for each backlog, never all of them.
+pub fn hold_back(
+    node: &NodeId,
+    capacity: &Resources,
+    unallocated: &Resources,
+    backlogged: &[Backlogged<'_>],
+    cfg: &GuardConfig,
+    now: Timestamp,
+) -> Option<HoldBack> {
+    if cfg.share <= 0.0 {
+        return None;
+    }
+    let mut best: Option<&Backlogged<'_>> = None;
+    for b in backlogged {
+        let f = b.flag;
+        let until = f.since.plus(cfg.max_hold);
+        if f.class.size < cfg.min_class || now >= until {
+            continue;
+        }
+        if !b.bound.fits(capacity) || b.bound.fits(unallocated) {
+            continue; // can never fit, or fits already (then it simply pulls the class)
+        }
+        if unallocated.min_fraction_of(&b.bound) < cfg.min_progress {
+            continue;
+        }
+        let h = stable_hash(&[
+            node.as_str().as_bytes(),
+            f.class.to_string().as_bytes(),
+            &f.since.0.to_le_bytes(),
+        ]);
+        #[allow(clippy::cast_precision_loss)] // a fraction for an election
+        let draw = h as f64 / u64::MAX as f64;
+        if draw >= cfg.share {
+            continue;
+        }
+        if best.is_none_or(|cur| f.class.size > cur.flag.class.size) {
+            best = Some(b);
+        }
+    }
+    best.map(|b| HoldBack {
+        class: b.flag.class.clone(),
+        headroom: b.bound.clone(),
+        until: b.flag.since.plus(cfg.max_hold),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{TraitClassName, Zone};
+    use rand::SeedableRng;
+
+    fn rng() -> rand_chacha::ChaCha8Rng {
+        rand_chacha::ChaCha8Rng::seed_from_u64(0)
+    }
+
+    #[test]
+    fn pack_prefers_fuller_nodes() {
+        let cap = Resources::new(64, 65536, 1000);
+        let bound = Resources::new(2, 2048, 10);
+        let full = Resources::new(4, 2500, 900);
+        let empty = cap.clone();
+        let a = fitness_bucket(Policy::Pack, &cap, &full, &bound, &mut rng());
+        let b = fitness_bucket(Policy::Pack, &cap, &empty, &bound, &mut rng());
+        assert!(a < b, "{a} {b}");
+        assert_eq!(a, 0);
+        assert_eq!(b, MAX_PRIORITY);
+        let s = fitness_bucket(Policy::Spread, &cap, &full, &bound, &mut rng());
+        assert_eq!(s, MAX_PRIORITY);
+    }
+
+    #[test]
+    fn random_stays_in_range() {
+        let cap = Resources::new(1, 1, 1);
+        let mut r = rng();
+        for _ in 0..100 {
+            assert!(fitness_bucket(Policy::Random, &cap, &cap, &cap, &mut r) <= MAX_PRIORITY);
+        }
+    }
+
+    fn flag(size: u8, since: u64) -> BacklogFlag {
+        BacklogFlag {
+            v: 1,
+            class: ClassKey {
+                zone: Zone::new("az1").unwrap(),
+                tclass: TraitClassName::new("std").unwrap(),
+                size,
+            },
+            since: Timestamp(since),
+            oldest_age_ms: 10_000,
+            depth: 3,
+            updated_at: Timestamp(since),
+        }
+    }
+
+    #[test]
+    fn guard_elects_a_share_and_expires() {
+        let cap = Resources::new(64, 512 * 1024, 2000);
+        let unalloc = Resources::new(40, 100 * 1024, 1000);
+        let f = flag(14, 1000);
+        let bl = [Backlogged {
+            flag: &f,
+            bound: Resources::new(32, 128 * 1024, 500),
+        }];
+        let cfg = GuardConfig::default();
+        let mut held = 0;
+        for i in 0..2000 {
+            let n = NodeId::new(format!("n{i}")).unwrap();
+            if let Some(h) = hold_back(&n, &cap, &unalloc, &bl, &cfg, Timestamp(2000)) {
+                assert_eq!(h.headroom, bl[0].bound);
+                held += 1;
+            }
+        }
+        assert!((150..250).contains(&held), "{held}");
+        // after max_hold nobody holds back
+        let late = Timestamp(1000).plus(cfg.max_hold);
+        let n = NodeId::new("n1").unwrap();
+        let any = (0..2000).any(|i| {
+            let n = NodeId::new(format!("n{i}")).unwrap();
+            hold_back(&n, &cap, &unalloc, &bl, &cfg, late).is_some()
+        });
+        assert!(!any);
+        // a node far from fitting does not hold back
+        let tiny = Resources::new(1, 1024, 10);
+        assert!(hold_back(&n, &cap, &tiny, &bl, &cfg, Timestamp(2000)).is_none());
+        // small classes are not guarded
+        let f2 = flag(2, 1000);
+        let bl2 = [Backlogged {
+            flag: &f2,
+            bound: Resources::new(2, 2048, 8),
+        }];
+        assert!((0..200).all(|i| {
+            let n = NodeId::new(format!("n{i}")).unwrap();
+            hold_back(
+                &n,
+                &cap,
+                &Resources::new(1, 1024, 1),
+                &bl2,
+                &cfg,
+                Timestamp(2000),
+            )
+            .is_none()
+        }));
+    }
+}

@@ -1,0 +1,477 @@
+//! Which pulls a node keeps outstanding: the pull-credit rule and the pull order.
+//!
+//! A node may have pulls outstanding only while the sum of their credit fits its spare
+//! capacity (DESIGN.md "Pull credit"). A full-fit pull (lane `fit`) holds its class's upper
+//! bound, so whatever arrives fits by construction. A near-fit pull (lane `spill`) holds the
+//! class's lower bound and the node checks each request, handing back what does not fit.
+//!
+//! Credit is scarce, so the order matters. Backlogged classes come first: the node pulls their
+//! fit lane if it can fully fit them, else their spill lane if it near-fits them (only
+//! backed-up classes have spilled hints). Then the default keeps the largest class the node can
+//! fully fit (so large requests always have takers) and fills the rest from the smallest class
+//! up (so the many small requests find the fuller nodes that pack them best). A node the
+//! starvation guard elected keeps the headroom of the backlogged class free.
+//!
+//! The same function drives the node-agent and the simulator.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, TraitClassName, TraitName, Zone};
+use crate::ledger::NodeLedger;
+use crate::policy::{Backlogged, GuardConfig, HoldBack, Policy, fitness_bucket, hold_back};
+use crate::resources::Resources;
+use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
+use crate::time::Timestamp;
+use crate::wire::BacklogFlag;
+
+/// Default lifetime of one pull request at the server.
+pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(10);
+/// Default cap on pulls one node keeps outstanding.
+pub const DEFAULT_MAX_PULLS: usize = 24;
+
+/// In which order a node spends its credit on classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullOrder {
+    /// Largest full-fit class, then smallest up (the default).
+    #[default]
+    LargestThenSmallest,
+    /// Smallest class first.
+    SmallestFirst,
+    /// Largest class first.
+    LargestFirst,
+}
+
+/// Pull settings (node-agent config; the simulator uses the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// Ranking policy.
+    pub policy: Policy,
+    /// Credit order.
+    pub order: PullOrder,
+    /// Most pulls outstanding at once.
+    pub max_pulls: usize,
+    /// Lifetime of one pull at the server.
+    #[serde(with = "humantime_serde")]
+    pub expiry: Duration,
+    /// Take near-fit work from the spill lane of backlogged classes.
+    pub near_fit: bool,
+    /// The starvation guard.
+    pub guard: GuardConfig,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            policy: Policy::Pack,
+            order: PullOrder::LargestThenSmallest,
+            max_pulls: DEFAULT_MAX_PULLS,
+            expiry: DEFAULT_PULL_EXPIRY,
+            near_fit: true,
+            guard: GuardConfig::default(),
+        }
+    }
+}
+
+/// What the planner needs to know about the node itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeProfile {
+    /// Node id (partition choice, guard election).
+    pub id: NodeId,
+    /// Zone.
+    pub zone: Zone,
+    /// Traits.
+    pub traits: Vec<TraitName>,
+}
+
+/// A pull the node should issue: take `credit` from the ledger, then pull one message from
+/// `shard`'s `lane` with `priority`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullIntent {
+    /// Shard.
+    pub shard: ShardId,
+    /// Lane.
+    pub lane: Lane,
+    /// Credit to hold while the pull is outstanding.
+    pub credit: Resources,
+    /// Priority (fitness bucket), 0 first.
+    pub priority: u8,
+}
+
+/// The plan: pulls to add, and the guard's decision (for logs and metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PullPlan {
+    /// Pulls to issue, in order.
+    pub pulls: Vec<PullIntent>,
+    /// Set when the node holds back for a backlogged class.
+    pub hold: Option<HoldBack>,
+}
+
+/// Inputs that change between calls.
+pub struct PlanInput<'a> {
+    /// The node.
+    pub node: &'a NodeProfile,
+    /// The shard map.
+    pub map: &'a ShardMap,
+    /// The ledger (capacity, allocations, credit already held).
+    pub ledger: &'a NodeLedger,
+    /// (shard, lane) pairs already outstanding; never duplicated.
+    pub outstanding: &'a [(ShardId, Lane)],
+    /// Current backlog flags (any zone; the planner filters).
+    pub backlog: &'a [BacklogFlag],
+    /// Settings.
+    pub cfg: &'a PullConfig,
+    /// Now.
+    pub now: Timestamp,
+}
+
+struct Candidate {
+    tclass: TraitClassName,
+    size: u8,
+    lane: Lane,
+    credit: Resources,
+    bound: Resources,
+}
+
+/// Plans the pulls to add. The caller takes each intent's credit from the ledger (which
+/// cannot fail: the plan spends only spare) and issues the pulls.
+pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
+    let PlanInput {
+        node,
+        map,
+        ledger,
+        outstanding,
+        backlog,
+        cfg,
+        now,
+    } = *input;
+    let capacity = ledger.capacity();
+    let unallocated = ledger.unallocated();
+    let mut budget = ledger.spare();
+    let mut out = PullPlan::default();
+    let mut slots = cfg.max_pulls.saturating_sub(outstanding.len());
+    if slots == 0 {
+        return out;
+    }
+
+    let (home, overflow) = map.pullable_classes(&node.traits);
+    let flags: Vec<&BacklogFlag> = backlog
+        .iter()
+        .filter(|f| {
+            f.class.zone == node.zone
+                && (home.contains(&f.class.tclass) || overflow.contains(&f.class.tclass))
+        })
+        .collect();
+    let backlogged: Vec<Backlogged<'_>> = flags
+        .iter()
+        .filter(|f| usize::from(f.class.size) < map.size_classes.len())
+        .map(|f| Backlogged {
+            flag: f,
+            bound: map.upper_bound(&f.class.tclass, f.class.size),
+        })
+        .collect();
+    out.hold = hold_back(
+        &node.id,
+        capacity,
+        &unallocated,
+        &backlogged,
+        &cfg.guard,
+        now,
+    );
+
+    let mut order: Vec<Candidate> = Vec::new();
+    // 1. backlogged classes: full-fit takers pull the fit lane, near-fit takers the spill lane
+    //    (only backed-up classes have spilled hints, so only they are worth a near-fit pull)
+    for b in &backlogged {
+        let (tclass, size) = (b.flag.class.tclass.clone(), b.flag.class.size);
+        if b.bound.fits(&unallocated) {
+            order.push(Candidate {
+                tclass,
+                size,
+                lane: Lane::Fit,
+                credit: b.bound.clone(),
+                bound: b.bound.clone(),
+            });
+        } else if cfg.near_fit && map.lower_bound(size).fits(&unallocated) && home.contains(&tclass)
+        {
+            order.push(Candidate {
+                tclass,
+                size,
+                lane: Lane::Spill,
+                credit: map.lower_bound(size),
+                bound: b.bound.clone(),
+            });
+        }
+    }
+    // 2. home classes in the configured order
+    for tclass in &home {
+        order.extend(class_order(map, tclass, &unallocated, cfg.order));
+    }
+
+    for c in order {
+        if slots == 0 {
+            break;
+        }
+        let size_ok = usize::from(c.size) < map.size_classes.len();
+        let shard = ShardId {
+            zone: node.zone.clone(),
+            tclass: c.tclass.clone(),
+            size: c.size,
+            part: if size_ok {
+                map.node_partition(node.id.as_str(), c.size)
+            } else {
+                0
+            },
+        };
+        if !size_ok
+            || outstanding.iter().any(|(s, l)| *s == shard && *l == c.lane)
+            || out
+                .pulls
+                .iter()
+                .any(|p| p.shard == shard && p.lane == c.lane)
+        {
+            continue;
+        }
+        let class = ClassKey {
+            zone: shard.zone.clone(),
+            tclass: shard.tclass.clone(),
+            size: shard.size,
+        };
+        let allowed = match &out.hold {
+            Some(h) if h.class != class => budget.saturating_sub(&h.headroom),
+            _ => budget.clone(),
+        };
+        if !c.credit.fits(&allowed) {
+            continue;
+        }
+        let priority = fitness_bucket(cfg.policy, capacity, &unallocated, &c.bound, rng);
+        budget = budget.saturating_sub(&c.credit);
+        out.pulls.push(PullIntent {
+            shard,
+            lane: c.lane,
+            credit: c.credit,
+            priority,
+        });
+        slots -= 1;
+    }
+    out
+}
+
+/// Full-fit candidates of one trait class in credit order.
+fn class_order(
+    map: &ShardMap,
+    tclass: &TraitClassName,
+    unallocated: &Resources,
+    order: PullOrder,
+) -> Vec<Candidate> {
+    let n = map.size_classes.len();
+    let full: Vec<u8> = (0..n)
+        .filter_map(|i| u8::try_from(i).ok())
+        .filter(|s| map.upper_bound(tclass, *s).fits(unallocated))
+        .collect();
+    let fit = |size: u8| {
+        let bound = map.upper_bound(tclass, size);
+        Candidate {
+            tclass: tclass.clone(),
+            size,
+            lane: Lane::Fit,
+            credit: bound.clone(),
+            bound,
+        }
+    };
+    match order {
+        PullOrder::LargestThenSmallest => {
+            let largest = full.last().copied();
+            largest
+                .into_iter()
+                .chain(full.iter().copied().filter(|s| Some(*s) != largest))
+                .map(fit)
+                .collect()
+        }
+        PullOrder::SmallestFirst => full.iter().copied().map(fit).collect(),
+        PullOrder::LargestFirst => full.iter().rev().copied().map(fit).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{NodeId, Zone};
+    use crate::ledger::PullId;
+    use crate::resources::AllocationRatios;
+    use crate::shard::default_shard_map;
+    use rand::SeedableRng;
+
+    fn setup(mem_gib: u64) -> (NodeProfile, ShardMap, NodeLedger) {
+        let zone = Zone::new("az1").unwrap();
+        let node = NodeProfile {
+            id: NodeId::new("n1").unwrap(),
+            zone: zone.clone(),
+            traits: vec![],
+        };
+        let ledger = NodeLedger::new(
+            Resources::new(64, mem_gib * 1024, 4000),
+            Resources::default(),
+            AllocationRatios::default(),
+        )
+        .unwrap();
+        (node, default_shard_map(zone), ledger)
+    }
+
+    fn plan(
+        node: &NodeProfile,
+        map: &ShardMap,
+        ledger: &NodeLedger,
+        outstanding: &[(ShardId, Lane)],
+        backlog: &[BacklogFlag],
+        cfg: &PullConfig,
+    ) -> PullPlan {
+        let input = PlanInput {
+            node,
+            map,
+            ledger,
+            outstanding,
+            backlog,
+            cfg,
+            now: Timestamp(1000),
+        };
+        plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1))
+    }
+
+    #[test]
+    fn credit_never_exceeds_spare() {
+        let (node, map, mut ledger) = setup(64);
+        let cfg = PullConfig::default();
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg);
+        assert!(!p.pulls.is_empty());
+        for (i, intent) in p.pulls.iter().enumerate() {
+            ledger
+                .take_credit(PullId(i as u64), &intent.credit)
+                .expect("plan spends only spare");
+        }
+        // nothing more fits
+        let outstanding: Vec<_> = p.pulls.iter().map(|i| (i.shard.clone(), i.lane)).collect();
+        let again = plan(&node, &map, &ledger, &outstanding, &[], &cfg);
+        for intent in &again.pulls {
+            assert!(intent.credit.fits(&ledger.spare()));
+        }
+    }
+
+    #[test]
+    fn largest_then_smallest_order() {
+        let (node, map, ledger) = setup(64);
+        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        // 64 GiB node: the largest full class bound is 64 GiB (size 12) and takes all memory,
+        // so nothing else fits beside it
+        assert_eq!(p.pulls[0].shard.size, 12);
+        assert_eq!(p.pulls[0].lane, Lane::Fit);
+        assert_eq!(p.pulls.len(), 1);
+        let (node, map, ledger) = setup(512);
+        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        assert_eq!(p.pulls[0].shard.size, 16);
+        assert_eq!(p.pulls[1].shard.size, 0);
+        assert_eq!(p.pulls[2].shard.size, 1);
+    }
+
+    fn flag(size: u8) -> BacklogFlag {
+        BacklogFlag {
+            v: 1,
+            class: ClassKey {
+                zone: Zone::new("az1").unwrap(),
+                tclass: ShardMap::std_class(),
+                size,
+            },
+            since: Timestamp(0),
+            oldest_age_ms: 5000,
+            depth: 10,
+            updated_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn near_fit_only_for_backlogged_classes_and_uses_the_lower_bound() {
+        let (node, map, mut ledger) = setup(64);
+        // leave 5 GiB: full fit up to size 4 (4 GiB), near fit for size 5 (5.6 GiB)
+        ledger
+            .reserve(
+                &crate::ids::RequestId::new("a").unwrap(),
+                &Resources::new(1, 59 * 1024, 0),
+                None,
+            )
+            .unwrap();
+        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
+        assert_eq!(p.pulls[0].shard.size, 4);
+        let p = plan(
+            &node,
+            &map,
+            &ledger,
+            &[],
+            &[flag(5)],
+            &PullConfig::default(),
+        );
+        assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Spill));
+        assert_eq!(p.pulls[0].credit, map.lower_bound(5));
+        // the spill credit (4 GiB) leaves 1 GiB: the largest full class now is size 0
+        assert_eq!((p.pulls[1].shard.size, p.pulls[1].lane), (0, Lane::Fit));
+        let no_near = PullConfig {
+            near_fit: false,
+            ..Default::default()
+        };
+        let p = plan(&node, &map, &ledger, &[], &[flag(5)], &no_near);
+        assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
+    }
+
+    #[test]
+    fn outstanding_pulls_are_not_duplicated_and_cap_holds() {
+        let (node, map, ledger) = setup(512);
+        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let first = (p.pulls[0].shard.clone(), p.pulls[0].lane);
+        let p2 = plan(
+            &node,
+            &map,
+            &ledger,
+            std::slice::from_ref(&first),
+            &[],
+            &PullConfig::default(),
+        );
+        assert!(p2.pulls.iter().all(|i| (i.shard.clone(), i.lane) != first));
+        let capped = PullConfig {
+            max_pulls: 3,
+            ..Default::default()
+        };
+        assert_eq!(plan(&node, &map, &ledger, &[], &[], &capped).pulls.len(), 3);
+    }
+
+    #[test]
+    fn cordoned_exclusive_and_overflow() {
+        let zone = Zone::new("az1").unwrap();
+        let map = default_shard_map(zone.clone());
+        let gpu = NodeProfile {
+            id: NodeId::new("g1").unwrap(),
+            zone: zone.clone(),
+            traits: vec![TraitName::new("gpu").unwrap()],
+        };
+        let ledger = NodeLedger::new(
+            Resources::new(64, 512 * 1024, 4000)
+                .with_extended(crate::ids::ResourceName::new("gpu").unwrap(), 8),
+            Resources::default(),
+            AllocationRatios::default(),
+        )
+        .unwrap();
+        let p = plan(&gpu, &map, &ledger, &[], &[], &PullConfig::default());
+        assert!(
+            p.pulls.iter().all(|i| i.shard.tclass.as_str() == "gpu"),
+            "{:?}",
+            p.pulls
+        );
+        let _ = zone;
+        let p = plan(&gpu, &map, &ledger, &[], &[flag(2)], &PullConfig::default());
+        assert_eq!(p.pulls[0].shard.tclass.as_str(), "std");
+        assert_eq!(p.pulls[0].shard.size, 2);
+    }
+}

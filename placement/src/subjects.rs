@@ -1,0 +1,205 @@
+//! Every NATS subject, stream, consumer and bucket name, built in one place (and only here).
+//!
+//! Subjects are lowercase with a version token; streams and buckets are `UPPER_SNAKE`;
+//! consumers are kebab-case. docs/subjects.md lists each with its producer and consumer.
+
+use crate::ids::{NodeId, RequestId};
+use crate::shard::{ClassKey, Lane, ShardId};
+use crate::wire::TimerKind;
+
+/// Root of every updraft subject.
+pub const ROOT: &str = "updraft.v1";
+/// KV bucket of request records (the truth).
+pub const REQUESTS_BUCKET: &str = "UPDRAFT_REQUESTS";
+/// KV bucket of node advertisements and leases (TTL).
+pub const NODES_BUCKET: &str = "UPDRAFT_NODES";
+/// KV bucket of cluster config, backlog flags and affinity pins.
+pub const CONFIG_BUCKET: &str = "UPDRAFT_CONFIG";
+/// KV bucket of per-node commands and admin state.
+pub const COMMANDS_BUCKET: &str = "UPDRAFT_CMDS";
+/// Stream of durable timers.
+pub const TIMERS_STREAM: &str = "UPDRAFT_TIMERS";
+/// Durable consumer all dispatchers share on the timer stream.
+pub const TIMERS_CONSUMER: &str = "timers";
+/// Key of the cluster config in [`CONFIG_BUCKET`].
+pub const CLUSTER_KEY: &str = "cluster";
+/// Priority group every shard consumer uses.
+pub const PRIORITY_GROUP: &str = "updraft";
+/// NATS service name of the API.
+pub const SERVICE_NAME: &str = "updraft";
+/// Prefix of API endpoints.
+pub const API_PREFIX: &str = "updraft.v1.api";
+
+/// Subject a hint for `shard` is published on.
+pub fn hint_subject(shard: &ShardId, lane: Lane) -> String {
+    format!(
+        "{ROOT}.req.{}.{}.s{:02}.p{}.{}",
+        shard.zone,
+        shard.tclass,
+        shard.size,
+        shard.part,
+        lane.as_str()
+    )
+}
+
+/// Subjects a shard's stream captures.
+pub fn shard_stream_subjects(shard: &ShardId) -> String {
+    format!(
+        "{ROOT}.req.{}.{}.s{:02}.p{}.*",
+        shard.zone, shard.tclass, shard.size, shard.part
+    )
+}
+
+/// Stream name of a shard (`UPDRAFT_REQ_AZ1_STD_S03_P0`).
+pub fn shard_stream(shard: &ShardId) -> String {
+    format!(
+        "UPDRAFT_REQ_{}_{}_S{:02}_P{}",
+        shard.zone.as_str().to_ascii_uppercase(),
+        shard.tclass.as_str().to_ascii_uppercase(),
+        shard.size,
+        shard.part
+    )
+}
+
+/// Durable consumer of one lane of a shard (`shard-az1-std-s03-p0-fit`).
+pub fn shard_consumer(shard: &ShardId, lane: Lane) -> String {
+    format!(
+        "shard-{}-{}-s{:02}-p{}-{}",
+        shard.zone,
+        shard.tclass,
+        shard.size,
+        shard.part,
+        lane.as_str()
+    )
+}
+
+/// `Nats-Msg-Id` of a hint: id, attempt and lane, never the bare id (DESIGN.md).
+pub fn hint_msg_id(id: &RequestId, attempt: u32, lane: Lane) -> String {
+    format!("{id}:{attempt}:{}", lane.as_str())
+}
+
+/// Key of a backlog flag in [`CONFIG_BUCKET`].
+pub fn backlog_key(class: &ClassKey) -> String {
+    format!("backlog.{}.{}.s{:02}", class.zone, class.tclass, class.size)
+}
+
+/// Prefix of every backlog key (for watching them all).
+pub const BACKLOG_PREFIX: &str = "backlog.";
+
+/// Key of an affinity group's pin in [`CONFIG_BUCKET`].
+pub fn group_key(group: &str) -> String {
+    format!("group.{group}")
+}
+
+/// Key of a command to `node` about `request` in [`COMMANDS_BUCKET`].
+pub fn command_key(node: &NodeId, request: &RequestId) -> String {
+    format!("{node}.cmd.{request}")
+}
+
+/// Key of a node's admin state in [`COMMANDS_BUCKET`].
+pub fn admin_key(node: &NodeId) -> String {
+    format!("{node}.admin")
+}
+
+/// Key filter for everything addressed to `node` in [`COMMANDS_BUCKET`].
+pub fn node_commands_filter(node: &NodeId) -> String {
+    format!("{node}.>")
+}
+
+/// Subject a timer definition is stored on (its identity: one schedule per request and kind).
+pub fn timer_schedule_subject(id: &RequestId, kind: TimerKind) -> String {
+    format!("{ROOT}.timer.sched.{id}.{}", kind.as_str())
+}
+
+/// Subject a timer fires on.
+pub fn timer_fire_subject(id: &RequestId, kind: TimerKind) -> String {
+    format!("{ROOT}.timer.fire.{id}.{}", kind.as_str())
+}
+
+/// Subjects of the timer stream.
+pub const TIMER_SUBJECTS: &str = "updraft.v1.timer.>";
+/// Filter of the timer consumer.
+pub const TIMER_FIRE_FILTER: &str = "updraft.v1.timer.fire.>";
+
+/// Subject of state-change events for one request (core NATS, informational).
+pub fn event_subject(id: &RequestId) -> String {
+    format!("{ROOT}.evt.req.{id}")
+}
+
+/// Wildcard over all request events.
+pub const EVENTS_WILDCARD: &str = "updraft.v1.evt.req.*";
+
+/// Subject of one API endpoint (`updraft.v1.api.servers.create`).
+pub fn api_subject(endpoint: &str) -> String {
+    format!("{API_PREFIX}.{endpoint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{TraitClassName, Zone};
+
+    fn shard() -> ShardId {
+        ShardId {
+            zone: Zone::new("us-east-1a").unwrap(),
+            tclass: TraitClassName::new("std").unwrap(),
+            size: 3,
+            part: 1,
+        }
+    }
+
+    #[test]
+    fn names_have_the_documented_shape() {
+        let s = shard();
+        assert_eq!(
+            hint_subject(&s, Lane::Fit),
+            "updraft.v1.req.us-east-1a.std.s03.p1.fit"
+        );
+        assert_eq!(
+            shard_stream_subjects(&s),
+            "updraft.v1.req.us-east-1a.std.s03.p1.*"
+        );
+        assert_eq!(shard_stream(&s), "UPDRAFT_REQ_US-EAST-1A_STD_S03_P1");
+        assert_eq!(
+            shard_consumer(&s, Lane::Spill),
+            "shard-us-east-1a-std-s03-p1-spill"
+        );
+        let id = RequestId::new("abc").unwrap();
+        assert_eq!(hint_msg_id(&id, 2, Lane::Fit), "abc:2:fit");
+        let n = NodeId::new("n1").unwrap();
+        assert_eq!(command_key(&n, &id), "n1.cmd.abc");
+        assert_eq!(admin_key(&n), "n1.admin");
+        assert_eq!(
+            timer_fire_subject(&id, TimerKind::Deadline),
+            "updraft.v1.timer.fire.abc.deadline"
+        );
+        assert_eq!(backlog_key(&s.class()), "backlog.us-east-1a.std.s03");
+    }
+
+    #[test]
+    fn stream_and_consumer_names_are_legal() {
+        // NATS: no '.', '*', '>', whitespace or path separators
+        let s = shard();
+        for name in [
+            shard_stream(&s),
+            shard_consumer(&s, Lane::Fit),
+            REQUESTS_BUCKET.into(),
+            TIMERS_STREAM.into(),
+        ] {
+            assert!(!name.contains(['.', '*', '>', ' ', '/', '\\']), "{name}");
+            assert!(name.len() <= 64, "{name}");
+        }
+    }
+
+    #[test]
+    fn subjects_are_lowercase_tokens() {
+        let s = shard();
+        for subj in [
+            hint_subject(&s, Lane::Fit),
+            event_subject(&RequestId::new("x-1").unwrap()),
+        ] {
+            assert_eq!(subj, subj.to_ascii_lowercase());
+            assert!(subj.split('.').all(|t| !t.is_empty()));
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Messages between updraft components (serde JSON, versioned with `v`).
+//!
+//! Unlike the API types, these *tolerate* unknown fields: a newer producer may add one and an
+//! older consumer keeps working, so a cluster can be upgraded one component at a time. A
+//! message whose `v` is not one we speak is refused, never reinterpreted; a breaking change
+//! gets a new subject version instead.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::flavor::FlavorCatalog;
+use crate::ids::{NodeId, RequestId, TraitName, Zone};
+use crate::lifecycle::{DEFAULT_MAX_ATTEMPTS, RequestRecord, State};
+use crate::request::DEFAULT_DEADLINE_S;
+use crate::resources::{AllocationRatios, Resources};
+use crate::shard::{ClassKey, Lane, ShardMap};
+use crate::time::Timestamp;
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u32 = 1;
+/// Largest message decoded (a record with full metadata and history fits easily).
+pub const MAX_WIRE_BYTES: usize = 256 * 1024;
+
+/// A message with a version field.
+pub trait Versioned {
+    /// The message's `v`.
+    fn version(&self) -> u32;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn version(&self) -> u32 { self.v }
+        }
+    )*};
+}
+
+/// A message that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Larger than [`MAX_WIRE_BYTES`].
+    #[error("message of {0} bytes exceeds the {MAX_WIRE_BYTES} byte limit")]
+    TooLarge(usize),
+    /// Not JSON of the right shape.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A version we do not speak.
+    #[error("unsupported message version {0} (this build speaks {WIRE_VERSION})")]
+    Version(u32),
+}
+
+impl WireError {
+    /// Stable label for metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WireError::TooLarge(_) => "too_large",
+            WireError::Malformed(_) => "malformed",
+            WireError::Version(_) => "version",
+        }
+    }
+}
+
+/// Decodes a versioned message, checking size and version.
+pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_WIRE_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let msg: T = serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if msg.version() != WIRE_VERSION {
+        return Err(WireError::Version(msg.version()));
+    }
+    Ok(msg)
+}
+
+/// Encodes a message (infallible for our types: maps have string keys, no non-finite floats
+/// reach here because ratios are validated).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).expect("wire types always serialize")
+}
+
+versioned!(
+    Hint,
+    NodeAdvert,
+    NodeCommand,
+    AdminState,
+    BacklogFlag,
+    ClusterConfig,
+    Timer,
+    RequestEvent,
+    GroupPin
+);
+
+impl Versioned for RequestRecord {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+/// A queue message: "request `id`, attempt `attempt`, may be waiting". Only a hint: the node
+/// reads the record and acts on that. A hint whose attempt is not the record's is stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hint {
+    /// Version.
+    pub v: u32,
+    /// The request.
+    pub id: RequestId,
+    /// The attempt this hint is for.
+    pub attempt: u32,
+    /// Which lane it was published to.
+    pub lane: Lane,
+    /// When it was published (queue wait metrics).
+    pub published_at: Timestamp,
+}
+
+/// A node's administrative or health state, as advertised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Pulling work.
+    Active,
+    /// Set by an operator: takes no new work.
+    Cordoned,
+    /// Set by an operator: takes no new work, finishes builds, then stays cordoned.
+    Draining,
+    /// Its lease renewal failed; it stopped pulling and is re-confirming its claims.
+    Fenced,
+    /// Its hypervisor connection is down, or too many builds failed in a row.
+    Unhealthy,
+    /// Shutting down.
+    Stopping,
+}
+
+impl NodeState {
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+            NodeState::Cordoned => "cordoned",
+            NodeState::Draining => "draining",
+            NodeState::Fenced => "fenced",
+            NodeState::Unhealthy => "unhealthy",
+            NodeState::Stopping => "stopping",
+        }
+    }
+}
+
+/// A node's advertisement and lease: the value of its key in the nodes bucket, renewed by
+/// compare-and-swap on every heartbeat; it expires with the bucket's TTL when the node dies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeAdvert {
+    /// Version.
+    pub v: u32,
+    /// Node id.
+    pub node: NodeId,
+    /// Boot epoch; a claim from another epoch is reaped.
+    pub epoch: crate::ids::Epoch,
+    /// Zone.
+    pub zone: Zone,
+    /// Traits.
+    pub traits: Vec<TraitName>,
+    /// Host totals.
+    pub totals: Resources,
+    /// Host reserve.
+    pub reserved: Resources,
+    /// Allocation ratios.
+    pub ratios: AllocationRatios,
+    /// Schedulable capacity.
+    pub capacity: Resources,
+    /// Capacity not allocated (what a new request could use).
+    pub unallocated: Resources,
+    /// Number of VMs the ledger holds.
+    pub vms: u32,
+    /// State.
+    pub state: NodeState,
+    /// Why it is unhealthy or fenced, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// The ledger holds more than capacity (adopted VMs).
+    #[serde(default)]
+    pub overcommitted: bool,
+    /// Agent version.
+    pub agent_version: String,
+    /// Hypervisor driver in use (`libvirt`, `memory`).
+    pub driver: String,
+    /// When this epoch started.
+    pub started_at: Timestamp,
+    /// Last heartbeat.
+    pub heartbeat_at: Timestamp,
+    /// The node's public signing key (nkeys), when it signs its claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+impl NodeAdvert {
+    /// True when the node takes new work.
+    pub fn takes_work(&self) -> bool {
+        self.state == NodeState::Active && !self.overcommitted
+    }
+}
+
+/// A command to one node, stored durably under `<node>.cmd.<request>` until the node acts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCommand {
+    /// Version.
+    pub v: u32,
+    /// What to do.
+    pub kind: CommandKind,
+    /// The request concerned.
+    pub request: RequestId,
+    /// When it was issued.
+    pub issued_at: Timestamp,
+}
+
+/// Commands a node understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Destroy the VM and finish the delete.
+    Delete,
+}
+
+/// Operator-set state of a node, stored under `<node>.admin` in the commands bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminState {
+    /// Version.
+    pub v: u32,
+    /// Take no new work.
+    pub cordoned: bool,
+    /// Take no new work and finish in-flight builds.
+    pub draining: bool,
+    /// When it was set.
+    pub updated_at: Timestamp,
+    /// Who set it (free text, for the audit trail).
+    #[serde(default)]
+    pub by: String,
+}
+
+/// One flag per class saying its queue backs up, written by dispatchers, read by nodes (the
+/// starvation guard and overflow takers), so no node polls consumer info.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BacklogFlag {
+    /// Version.
+    pub v: u32,
+    /// The class.
+    pub class: ClassKey,
+    /// Since when it has been backed up.
+    pub since: Timestamp,
+    /// Age of the oldest waiting hint when last measured (ms).
+    pub oldest_age_ms: u64,
+    /// Hints waiting when last measured.
+    pub depth: u64,
+    /// Last measurement.
+    pub updated_at: Timestamp,
+}
+
+/// Cluster-wide settings every dispatcher and node agree on, stored versioned in KV.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Version.
+    pub v: u32,
+    /// Shard map.
+    pub shard_map: ShardMap,
+    /// Flavors.
+    pub flavors: FlavorCatalog,
+    /// Deadline for requests that give none.
+    pub default_deadline_s: u64,
+    /// Build attempts before a request fails.
+    pub max_attempts: u32,
+}
+
+impl ClusterConfig {
+    /// A config with the default flavors and limits around `shard_map`.
+    pub fn new(shard_map: ShardMap) -> Self {
+        ClusterConfig {
+            v: WIRE_VERSION,
+            shard_map,
+            flavors: FlavorCatalog::default(),
+            default_deadline_s: DEFAULT_DEADLINE_S,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}
+
+/// A durable timer: fires at `due_at` and makes a dispatcher look at the request again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Version.
+    pub v: u32,
+    /// The request.
+    pub id: RequestId,
+    /// The attempt it was set for (a fire for another attempt is stale).
+    pub attempt: u32,
+    /// What is due.
+    pub kind: TimerKind,
+    /// When.
+    pub due_at: Timestamp,
+}
+
+/// Kinds of durable timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The class deadline: spill the hint to near-fit takers.
+    Spill,
+    /// The final deadline: answer `failed` with an explanation.
+    Deadline,
+}
+
+impl TimerKind {
+    /// Stable name used in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::Spill => "spill",
+            TimerKind::Deadline => "deadline",
+        }
+    }
+}
+
+/// A state change, published on a core subject for observers (status page, CLI watch); the
+/// record stays the truth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEvent {
+    /// Version.
+    pub v: u32,
+    /// The request.
+    pub id: RequestId,
+    /// New state.
+    pub state: State,
+    /// Attempt.
+    pub attempt: u32,
+    /// Node, when one holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+    /// Reason, for failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When.
+    pub at: Timestamp,
+}
+
+impl RequestEvent {
+    /// The event describing a record's current state.
+    pub fn of(r: &RequestRecord) -> Self {
+        RequestEvent {
+            v: WIRE_VERSION,
+            id: r.spec.id.clone(),
+            state: r.state,
+            attempt: r.attempt,
+            node: r.node().cloned(),
+            reason: r.reason.clone(),
+            at: r.updated_at,
+        }
+    }
+}
+
+/// Where an affinity group lives: written once by the node that places its first member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPin {
+    /// Version.
+    pub v: u32,
+    /// The node all members go to.
+    pub node: NodeId,
+    /// When it was pinned.
+    pub at: Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_round_trip_and_tolerate_unknown_fields() {
+        let h = Hint {
+            v: WIRE_VERSION,
+            id: RequestId::new("a").unwrap(),
+            attempt: 2,
+            lane: Lane::Fit,
+            published_at: Timestamp(5),
+        };
+        let bytes = encode(&h);
+        assert_eq!(decode::<Hint>(&bytes).unwrap(), h);
+        let extra =
+            br#"{"v":1,"id":"a","attempt":2,"lane":"fit","published_at":5,"new_field":true}"#;
+        assert_eq!(decode::<Hint>(extra).unwrap(), h);
+    }
+
+    #[test]
+    fn wrong_version_size_and_shape_are_refused() {
+        let v2 = br#"{"v":2,"id":"a","attempt":2,"lane":"fit","published_at":5}"#;
+        assert_eq!(decode::<Hint>(v2), Err(WireError::Version(2)));
+        assert!(matches!(
+            decode::<Hint>(br#"{"id":"a"}"#),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Hint>(br#"{"v":1,"id":"A B","attempt":1,"lane":"fit","published_at":1}"#),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Hint>(br#"{"v":1,"id":"a","attempt":-1,"lane":"fit","published_at":1}"#),
+            Err(WireError::Malformed(_))
+        ));
+        let big = vec![b' '; MAX_WIRE_BYTES + 1];
+        assert_eq!(
+            decode::<Hint>(&big),
+            Err(WireError::TooLarge(MAX_WIRE_BYTES + 1))
+        );
+        assert!(matches!(
+            decode::<Hint>(b"\xff"),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn cluster_config_round_trips() {
+        let c = ClusterConfig::new(crate::shard::default_shard_map(Zone::new("az1").unwrap()));
+        assert_eq!(decode::<ClusterConfig>(&encode(&c)).unwrap(), c);
+    }
+}
