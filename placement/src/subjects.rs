@@ -30,24 +30,47 @@ pub const SERVICE_NAME: &str = "updraft";
 /// Prefix of API endpoints.
 pub const API_PREFIX: &str = "updraft.v1.api";
 
-/// Subject a hint for `shard` is published on.
-pub fn hint_subject(shard: &ShardId, lane: Lane) -> String {
+/// Subject of a request's hint on one lane of its shard. The request id is the last token, so
+/// the stream keeps at most one hint per request and lane (`max_msgs_per_subject = 1`: a
+/// re-publish replaces, never duplicates) and "is there a hint?" is one direct get.
+pub fn hint_subject(shard: &ShardId, lane: Lane, id: &RequestId) -> String {
+    format!("{}.{id}", lane_prefix(shard, lane))
+}
+
+fn lane_prefix(shard: &ShardId, lane: Lane) -> String {
+    format!("{}.{}", shard_prefix(shard), lane.as_str())
+}
+
+fn shard_prefix(shard: &ShardId) -> String {
     format!(
-        "{ROOT}.req.{}.{}.s{:02}.p{}.{}",
-        shard.zone,
-        shard.tclass,
-        shard.size,
-        shard.part,
-        lane.as_str()
+        "{ROOT}.req.{}.{}.s{:02}.p{}",
+        shard.zone, shard.tclass, shard.size, shard.part
     )
+}
+
+/// Filter of one lane of a shard (the lane's consumer filter).
+pub fn lane_filter(shard: &ShardId, lane: Lane) -> String {
+    format!("{}.*", lane_prefix(shard, lane))
 }
 
 /// Subjects a shard's stream captures.
 pub fn shard_stream_subjects(shard: &ShardId) -> String {
-    format!(
-        "{ROOT}.req.{}.{}.s{:02}.p{}.*",
-        shard.zone, shard.tclass, shard.size, shard.part
-    )
+    format!("{}.>", shard_prefix(shard))
+}
+
+/// The NATS subject behind a KV key (KV buckets are streams on `$KV.<bucket>.<key>`).
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The JetStream API subject of a direct get on a stream.
+pub fn direct_get_subject(stream: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{stream}")
+}
+
+/// The JetStream API subject of a pull request for one consumer.
+pub fn pull_request_subject(stream: &str, consumer: &str) -> String {
+    format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
 }
 
 /// Stream name of a shard (`UPDRAFT_REQ_AZ1_STD_S03_P0`).
@@ -151,20 +174,28 @@ mod tests {
     #[test]
     fn names_have_the_documented_shape() {
         let s = shard();
+        let id = RequestId::new("abc").unwrap();
         assert_eq!(
-            hint_subject(&s, Lane::Fit),
-            "updraft.v1.req.us-east-1a.std.s03.p1.fit"
+            hint_subject(&s, Lane::Fit, &id),
+            "updraft.v1.req.us-east-1a.std.s03.p1.fit.abc"
+        );
+        assert_eq!(
+            lane_filter(&s, Lane::Spill),
+            "updraft.v1.req.us-east-1a.std.s03.p1.spill.*"
         );
         assert_eq!(
             shard_stream_subjects(&s),
-            "updraft.v1.req.us-east-1a.std.s03.p1.*"
+            "updraft.v1.req.us-east-1a.std.s03.p1.>"
+        );
+        assert_eq!(
+            kv_subject(REQUESTS_BUCKET, "abc"),
+            "$KV.UPDRAFT_REQUESTS.abc"
         );
         assert_eq!(shard_stream(&s), "UPDRAFT_REQ_US-EAST-1A_STD_S03_P1");
         assert_eq!(
             shard_consumer(&s, Lane::Spill),
             "shard-us-east-1a-std-s03-p1-spill"
         );
-        let id = RequestId::new("abc").unwrap();
         assert_eq!(hint_msg_id(&id, 2, Lane::Fit), "abc:2:fit");
         let n = NodeId::new("n1").unwrap();
         assert_eq!(command_key(&n, &id), "n1.cmd.abc");
@@ -194,10 +225,8 @@ mod tests {
     #[test]
     fn subjects_are_lowercase_tokens() {
         let s = shard();
-        for subj in [
-            hint_subject(&s, Lane::Fit),
-            event_subject(&RequestId::new("x-1").unwrap()),
-        ] {
+        let id = RequestId::new("x-1").unwrap();
+        for subj in [hint_subject(&s, Lane::Fit, &id), event_subject(&id)] {
             assert_eq!(subj, subj.to_ascii_lowercase());
             assert!(subj.split('.').all(|t| !t.is_empty()));
         }

@@ -1,0 +1,119 @@
+//! Publishing hints onto shard work queues. A hint is only "request R, attempt A, may be
+//! waiting"; it carries `Nats-Msg-Id = <id>:<attempt>:<lane>` (never the bare id) and sits on a
+//! subject ending in the request id, so each lane holds at most one hint per request.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use placement::lifecycle::RequestRecord;
+use placement::subjects::{direct_get_subject, hint_msg_id, hint_subject, shard_stream};
+use placement::wire::{Hint, WIRE_VERSION, encode};
+use placement::{Lane, RequestId, ShardId, Timestamp};
+
+use crate::BusError;
+
+/// Header carrying the request id, so a trace can follow a request through NATS.
+pub const REQUEST_ID_HEADER: &str = "updraft-request-id";
+/// JetStream's "maximum messages exceeded" error code (the shard is full).
+const ERR_MAX_MSGS: &str = "10077";
+
+/// Publishes hints.
+#[derive(Clone)]
+pub struct HintPublisher {
+    js: jetstream::Context,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for HintPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HintPublisher")
+    }
+}
+
+/// What the server said about a hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HintAck {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// The server had it already (same `Nats-Msg-Id` within the duplicate window).
+    pub duplicate: bool,
+}
+
+impl HintPublisher {
+    pub(crate) fn new(js: jetstream::Context, client: async_nats::Client) -> Self {
+        HintPublisher { js, client }
+    }
+
+    /// Publishes the hint for `record`'s current attempt on `lane`. A full shard is
+    /// [`BusError::Full`] (the API answers 429; nothing is dropped).
+    pub async fn publish(
+        &self,
+        record: &RequestRecord,
+        lane: Lane,
+        now: Timestamp,
+    ) -> Result<HintAck, BusError> {
+        let id = &record.spec.id;
+        let hint = Hint {
+            v: WIRE_VERSION,
+            id: id.clone(),
+            attempt: record.attempt,
+            lane,
+            published_at: now,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            hint_msg_id(id, record.attempt, lane).as_str(),
+        );
+        headers.insert(REQUEST_ID_HEADER, id.as_str());
+        let subject = hint_subject(&record.shard, lane, id);
+        let what = || format!("publish hint {id} to {}", record.shard);
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, encode(&hint).into())
+            .await
+            .map_err(|e| BusError::nats(what(), e))?
+            .await;
+        match ack {
+            Ok(a) => Ok(HintAck {
+                sequence: a.sequence,
+                duplicate: a.duplicate,
+            }),
+            Err(e)
+                if e.to_string().contains(ERR_MAX_MSGS)
+                    || e.to_string().contains("maximum messages") =>
+            {
+                Err(BusError::Full {
+                    stream: shard_stream(&record.shard),
+                })
+            }
+            Err(e) if e.kind() == PublishErrorKind::TimedOut => {
+                Err(BusError::Timeout { what: what() })
+            }
+            Err(e) => Err(BusError::nats(what(), e)),
+        }
+    }
+
+    /// True when a hint for `id` sits on `lane` of `shard` (one direct get).
+    pub async fn exists(
+        &self,
+        shard: &ShardId,
+        lane: Lane,
+        id: &RequestId,
+    ) -> Result<bool, BusError> {
+        let body = serde_json::json!({ "last_by_subj": hint_subject(shard, lane, id) }).to_string();
+        let stream = shard_stream(shard);
+        let resp = self
+            .client
+            .request(direct_get_subject(&stream), body.into())
+            .await
+            .map_err(|e| BusError::nats(format!("look up hint {id} in {stream}"), e))?;
+        match resp.status {
+            None => Ok(true),
+            Some(s) if s.as_u16() == 404 => Ok(false),
+            Some(s) => Err(BusError::Nats {
+                what: format!("look up hint {id} in {stream}"),
+                message: format!("{} {}", s.as_u16(), resp.description.unwrap_or_default()),
+            }),
+        }
+    }
+}

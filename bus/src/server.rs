@@ -1,0 +1,322 @@
+//! Starting and stopping `nats-server` processes: the local cluster's embedded default and
+//! every test's own server (loopback, a random port, a temporary store).
+//!
+//! The binary is found through `UPDRAFT_NATS_SERVER`, then `PATH`, then the project's
+//! `.tools/bin` (where `scripts/setup.sh` installs the pinned version).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Why a server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// No binary found.
+    #[error(
+        "nats-server not found: set UPDRAFT_NATS_SERVER, put nats-server 2.12+ on PATH, or run scripts/setup.sh (installs the pinned 2.15.1 into .tools/bin)"
+    )]
+    NotFound,
+    /// The process could not be spawned.
+    #[error("start {binary}: {source}")]
+    Spawn {
+        /// Binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It did not report ready in time.
+    #[error("nats-server did not become ready within {0:?}; its log: {1}")]
+    NotReady(Duration, String),
+    /// Files for it could not be written.
+    #[error("prepare nats-server files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Finds the `nats-server` binary.
+pub fn find_binary() -> Result<PathBuf, ServerError> {
+    if let Some(p) = std::env::var_os("UPDRAFT_NATS_SERVER") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("nats-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    // the workspace's own tools dir, seen from any crate or binary inside it
+    let mut dir = std::env::current_dir().ok();
+    while let Some(d) = dir {
+        let p = d.join(".tools/bin/nats-server");
+        if p.is_file() {
+            return Ok(p);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    if here.is_file() {
+        return Ok(here);
+    }
+    Err(ServerError::NotFound)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests and local clusters).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// How to start one server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Client port; `None` picks a free one.
+    pub port: Option<u16>,
+    /// JetStream store directory; `None` makes a temporary one removed on drop.
+    pub store_dir: Option<PathBuf>,
+    /// Extra configuration text appended to the generated config (cluster block, auth...).
+    pub extra_config: String,
+    /// Server name (required in clusters).
+    pub name: Option<String>,
+}
+
+/// A running `nats-server` child process. Killed (and its temporary store removed) on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    binary: PathBuf,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a single JetStream server on 127.0.0.1.
+    pub fn start(opts: ServerOptions) -> Result<NatsServer, ServerError> {
+        let binary = find_binary()?;
+        let dir = tempfile::Builder::new().prefix("updraft-nats-").tempdir()?;
+        let store = opts
+            .store_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("store"));
+        fs::create_dir_all(&store)?;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let name = opts
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("updraft-{port}"));
+        let config = dir.path().join("nats.conf");
+        let log = dir.path().join("nats.log");
+        let text = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n}}\n{}\n",
+            opts.extra_config
+        );
+        fs::write(&config, text)?;
+        let mut s = NatsServer {
+            child: None,
+            binary,
+            port,
+            config,
+            log,
+            _dir: dir,
+            store,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let err = log.try_clone()?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|source| ServerError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&self, within: Duration) -> Result<(), ServerError> {
+        let start = std::time::SystemTime::now();
+        let mut ready_lines = 0;
+        loop {
+            if let Ok(f) = fs::File::open(&self.log) {
+                ready_lines = BufReader::new(f)
+                    .lines()
+                    .map_while(Result::ok)
+                    .filter(|l| l.contains("Server is ready"))
+                    .count();
+            }
+            // a restart appends to the same log: wait for a new "ready" line
+            if ready_lines >= self.starts() {
+                return Ok(());
+            }
+            if start.elapsed().unwrap_or_default() > within {
+                let text = fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: String = text
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(ServerError::NotReady(within, tail));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn starts(&self) -> usize {
+        fs::read_to_string(&self.log)
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("Starting nats-server"))
+                    .count()
+            })
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it (a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if std::time::SystemTime::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts the process again on the same port and store.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A JetStream cluster of servers on 127.0.0.1 (routes between them), for R3 tests and the
+/// 3-server benchmark.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The servers, in order.
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers named `n0..` forming one cluster.
+    pub fn start(n: usize) -> Result<NatsCluster, ServerError> {
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let mut starting = Vec::new();
+        // start all without waiting for each: a cluster member is ready only with a quorum
+        for i in 0..n {
+            let extra = format!(
+                "cluster {{\n  name: updraft-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                route_ports[i],
+                routes.join(", ")
+            );
+            let opts = ServerOptions {
+                port: Some(client_ports[i]),
+                extra_config: extra,
+                name: Some(format!("n{i}")),
+                store_dir: None,
+            };
+            starting.push(std::thread::spawn(move || NatsServer::start(opts)));
+        }
+        let mut servers = Vec::new();
+        for h in starting {
+            servers.push(h.join().map_err(|_| {
+                ServerError::NotReady(Duration::ZERO, "start thread panicked".into())
+            })??);
+        }
+        Ok(NatsCluster { servers })
+    }
+
+    /// Comma-separated client URLs of every server.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

@@ -1,0 +1,478 @@
+#![allow(clippy::unwrap_used, clippy::tests_outside_test_module)] // test code: a panic is the failure report
+
+//! The bus against a real nats-server: topology, records, leases, commands, hints, pulls,
+//! timers and status. Each test starts its own server.
+
+use std::time::Duration;
+
+use bus::BusError;
+use bus::nodes::NodeEvent;
+use bus::puller::{PullEnd, PullEvent, PullSpec, Puller};
+use bus::records::RecordEvent;
+use futures::StreamExt;
+use placement::ledger::PullId;
+use placement::lifecycle::RequestRecord;
+use placement::request::RequestSpec;
+use placement::resources::{AllocationRatios, Resources};
+use placement::wire::{
+    AdminState, CommandKind, Hint, NodeAdvert, NodeCommand, NodeState, Timer, TimerKind,
+    WIRE_VERSION, decode,
+};
+use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId, Timestamp, Zone};
+
+fn spec(id: &str, mem: u64) -> RequestSpec {
+    RequestSpec {
+        id: RequestId::new(id).unwrap(),
+        resources: Resources::new(1, mem, 0),
+        flavor: None,
+        zone: Zone::new("az1").unwrap(),
+        required_traits: vec![],
+        forbidden_traits: vec![],
+        group: None,
+        image: None,
+        metadata: Default::default(),
+        deadline_s: 60,
+    }
+}
+
+fn record(id: &str) -> RequestRecord {
+    let map = testkit::shard_map();
+    let s = spec(id, 1024);
+    let shard = map.route(&s.routable()).unwrap();
+    RequestRecord::new_queued(s, shard, Timestamp(bus::timers::wall_now_ms()))
+}
+
+fn advert(node: &str, epoch: u64) -> NodeAdvert {
+    NodeAdvert {
+        v: WIRE_VERSION,
+        node: NodeId::new(node).unwrap(),
+        epoch: Epoch(epoch),
+        zone: Zone::new("az1").unwrap(),
+        traits: vec![],
+        totals: Resources::new(8, 16384, 100),
+        reserved: Resources::default(),
+        ratios: AllocationRatios::default(),
+        capacity: Resources::new(32, 16384, 100),
+        unallocated: Resources::new(32, 16384, 100),
+        vms: 0,
+        state: NodeState::Active,
+        state_reason: None,
+        overcommitted: false,
+        agent_version: "test".into(),
+        driver: "memory".into(),
+        started_at: Timestamp(0),
+        heartbeat_at: Timestamp(0),
+        public_key: None,
+    }
+}
+
+#[tokio::test]
+async fn topology_is_idempotent() {
+    testkit::trace_init();
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let _a = testkit::bus_for(&server.url(), &map).await;
+    // a second dispatcher doing the same at start changes nothing and fails nothing
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let n = b
+        .ensure_shards(&map, &bus::TopologyConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(n, map.all_shards().len());
+    // an agent binds without creating
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (client, _) = bus::connect(&cfg, "agent").await.unwrap();
+    bus::Bus::open(client).await.unwrap();
+}
+
+#[tokio::test]
+async fn open_without_topology_says_what_to_do() {
+    let server = testkit::nats();
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (client, _) = bus::connect(&cfg, "agent").await.unwrap();
+    let err = bus::Bus::open(client).await.unwrap_err();
+    assert!(matches!(err, BusError::Missing { .. }), "{err}");
+    assert!(err.to_string().contains("start a dispatcher first"));
+}
+
+#[tokio::test]
+async fn records_create_cas_and_conflict() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let r = record("r1");
+    let rev = b.records.create(&r).await.unwrap();
+    assert!(matches!(
+        b.records.create(&r).await,
+        Err(BusError::Exists { .. })
+    ));
+    let got = b.records.get(&r.spec.id).await.unwrap().unwrap();
+    assert_eq!((got.value.clone(), got.revision), (r.clone(), rev));
+    // two claimers read the same revision; only one compare-and-swap wins
+    let c1 = placement::Claim {
+        node: NodeId::new("n1").unwrap(),
+        epoch: Epoch(1),
+        token: ClaimToken(1),
+        at: Timestamp(1),
+    };
+    let c2 = placement::Claim {
+        node: NodeId::new("n2").unwrap(),
+        epoch: Epoch(1),
+        token: ClaimToken(2),
+        at: Timestamp(1),
+    };
+    let a = got.value.claim(1, c1.clone(), Timestamp(2)).unwrap();
+    let z = got.value.claim(1, c2, Timestamp(2)).unwrap();
+    let won = b.records.cas(&a, got.revision).await.unwrap();
+    assert!(
+        b.records
+            .cas(&z, got.revision)
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    let leader = b.records.get_leader(&r.spec.id).await.unwrap().unwrap();
+    assert_eq!(leader.revision, won);
+    assert_eq!(leader.value.claim.unwrap().token, c1.token);
+    assert!(
+        b.records
+            .get(&RequestId::new("nope").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn record_watch_replays_then_follows() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    // empty bucket: caught up at once
+    let mut w = b.records.watch_all().await.unwrap();
+    assert!(matches!(w.next().await, Some(RecordEvent::Caught)));
+    b.records.create(&record("a")).await.unwrap();
+    assert!(matches!(w.next().await, Some(RecordEvent::Put(_))));
+    b.records.create(&record("b")).await.unwrap();
+    let mut w2 = b.records.watch_all().await.unwrap();
+    let mut puts = 0;
+    loop {
+        match w2.next().await.unwrap() {
+            RecordEvent::Put(_) => puts += 1,
+            RecordEvent::Caught => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(puts, 2);
+    // a hostile value is reported, never decoded into a record
+    b.js.publish("$KV.UPDRAFT_REQUESTS.evil", "{\"v\":1}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(
+        w2.next().await,
+        Some(RecordEvent::Undecodable { .. })
+    ));
+}
+
+#[tokio::test]
+async fn leases_refuse_duplicates_renew_and_expire() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (client, _) = bus::connect(&cfg, "t").await.unwrap();
+    let topo = bus::TopologyConfig {
+        lease_ttl: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let b = bus::Bus::ensure(client, &topo).await.unwrap();
+    b.ensure_shards(&map, &topo).await.unwrap();
+    let mut watch = b.nodes.watch_all().await.unwrap();
+    let rev = b.nodes.register(&advert("n1", 1)).await.unwrap();
+    assert!(matches!(
+        b.nodes.register(&advert("n1", 2)).await,
+        Err(BusError::Exists { .. })
+    ));
+    let rev2 = b.nodes.renew(&advert("n1", 1), rev).await.unwrap();
+    assert!(
+        b.nodes
+            .renew(&advert("n1", 1), rev)
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    assert_eq!(b.nodes.list().await.unwrap().len(), 1);
+    // stop renewing: the lease expires and watchers see it go
+    let mut saw_gone = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(NodeEvent::Gone(k))) if k == "n1" => {
+                saw_gone = true;
+                break;
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert!(saw_gone, "lease expiry must be visible to watchers");
+    assert!(
+        b.nodes
+            .get(&NodeId::new("n1").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        b.nodes
+            .renew(&advert("n1", 1), rev2)
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    // the id is free again
+    b.nodes.register(&advert("n1", 3)).await.unwrap();
+}
+
+#[tokio::test]
+async fn hints_dedupe_replace_and_fill_up() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (client, _) = bus::connect(&cfg, "t").await.unwrap();
+    let topo = bus::TopologyConfig {
+        max_hints_per_shard: 3,
+        ..Default::default()
+    };
+    let b = bus::Bus::ensure(client, &topo).await.unwrap();
+    b.ensure_shards(&map, &topo).await.unwrap();
+    let r = record("h1");
+    let first = b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    let again = b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    assert!(!first.duplicate && again.duplicate);
+    assert!(
+        b.hints
+            .exists(&r.shard, Lane::Fit, &r.spec.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.hints
+            .exists(&r.shard, Lane::Spill, &r.spec.id)
+            .await
+            .unwrap()
+    );
+    // a later attempt replaces the hint instead of adding one
+    let mut r2 = r.clone();
+    r2.attempt = 2;
+    b.hints.publish(&r2, Lane::Fit, Timestamp(2)).await.unwrap();
+    let st = bus::status::shard_status(&b.js, &r.shard, bus::timers::wall_now_ms())
+        .await
+        .unwrap();
+    assert_eq!(st.messages, 1);
+    b.hints
+        .publish(&record("h2"), Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
+    b.hints
+        .publish(&record("h3"), Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
+    let full = b
+        .hints
+        .publish(&record("h4"), Lane::Fit, Timestamp(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(full, BusError::Full { .. }), "{full}");
+}
+
+#[tokio::test]
+async fn pulls_are_served_by_priority_and_expire() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
+    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
+    let (p1, mut e1) = Puller::start(c1).await.unwrap();
+    let (p2, mut e2) = Puller::start(c2).await.unwrap();
+    let r = record("p1");
+    let pull = |id: u64, priority: u8| PullSpec {
+        pull: PullId(id),
+        shard: r.shard.clone(),
+        lane: Lane::Fit,
+        priority,
+        expiry: Duration::from_secs(2),
+    };
+    // the emptier node asks first with a worse priority; the fuller node asks later, better
+    p1.issue(&pull(1, 7)).await.unwrap();
+    assert!(p1.issue(&pull(9, 7)).await.is_err(), "one pull per lane");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p2.issue(&pull(2, 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), e2.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PullEvent::Delivered { pull, delivery } => {
+            assert_eq!(pull, Some(PullId(2)));
+            let h: Hint = decode(&delivery.payload).unwrap();
+            assert_eq!(h.id, r.spec.id);
+            delivery.ack().await.unwrap();
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+    match tokio::time::timeout(Duration::from_secs(4), e1.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PullEvent::Ended { pull, why } => assert_eq!((pull, why), (PullId(1), PullEnd::Expired)),
+        other => panic!("expected expiry, got {other:?}"),
+    }
+    assert_eq!(p1.outstanding(), 0);
+}
+
+#[tokio::test]
+async fn nak_hands_back_to_another_puller() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
+    let (p1, mut e1) = Puller::start(c1).await.unwrap();
+    let r = record("nak1");
+    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    let spec = |id| PullSpec {
+        pull: PullId(id),
+        shard: r.shard.clone(),
+        lane: Lane::Fit,
+        priority: 0,
+        expiry: Duration::from_secs(3),
+    };
+    p1.issue(&spec(1)).await.unwrap();
+    let PullEvent::Delivered { delivery, .. } = e1.recv().await.unwrap() else {
+        panic!("no delivery")
+    };
+    delivery.nak(Duration::from_millis(200)).await.unwrap();
+    p1.issue(&spec(2)).await.unwrap();
+    let PullEvent::Delivered { delivery, pull } = e1.recv().await.unwrap() else {
+        panic!("no redelivery")
+    };
+    assert_eq!(pull, Some(PullId(2)));
+    assert_eq!(delivery.delivered, 2);
+    delivery.term().await.unwrap();
+}
+
+#[tokio::test]
+async fn timers_fire_once_when_due() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let id = RequestId::new("t1").unwrap();
+    let due = bus::timers::wall_now_ms() + 1500;
+    let t = Timer {
+        v: WIRE_VERSION,
+        id: id.clone(),
+        attempt: 1,
+        kind: TimerKind::Deadline,
+        due_at: Timestamp(due),
+    };
+    b.timers.schedule(&t).await.unwrap();
+    // re-scheduling replaces rather than adds
+    b.timers.schedule(&t).await.unwrap();
+    let consumer = b.timers.consumer().await.unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), msgs.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let fired = bus::timers::decode_fire(&m.payload).unwrap();
+    assert_eq!(fired, t);
+    assert!(bus::timers::wall_now_ms() + 50 >= due, "fired early");
+    m.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), msgs.next())
+            .await
+            .is_err(),
+        "fired twice"
+    );
+}
+
+#[tokio::test]
+async fn commands_and_admin_state_reach_the_node() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let node = NodeId::new("n1").unwrap();
+    let req = RequestId::new("r1").unwrap();
+    // sent while the node is "down": found when it watches
+    let cmd = NodeCommand {
+        v: WIRE_VERSION,
+        kind: CommandKind::Delete,
+        request: req.clone(),
+        issued_at: Timestamp(1),
+    };
+    b.commands.send(&node, &cmd).await.unwrap();
+    b.commands
+        .send(&NodeId::new("n2").unwrap(), &cmd)
+        .await
+        .unwrap();
+    let mut w = b.commands.watch(&node).await.unwrap();
+    assert_eq!(
+        w.next().await.unwrap(),
+        bus::commands::CommandEvent::Command(cmd.clone())
+    );
+    let admin = AdminState {
+        v: WIRE_VERSION,
+        cordoned: true,
+        draining: false,
+        updated_at: Timestamp(2),
+        by: "test".into(),
+    };
+    b.commands.set_admin(&node, &admin).await.unwrap();
+    assert_eq!(
+        w.next().await.unwrap(),
+        bus::commands::CommandEvent::Admin(admin.clone())
+    );
+    assert_eq!(b.commands.all_admin().await.unwrap().len(), 1);
+    b.commands.clear_admin(&node).await.unwrap();
+    assert_eq!(
+        w.next().await.unwrap(),
+        bus::commands::CommandEvent::AdminCleared
+    );
+    assert!(b.commands.pending(&node, &req).await.unwrap());
+    b.commands.done(&node, &req).await.unwrap();
+    assert!(!b.commands.pending(&node, &req).await.unwrap());
+}
+
+#[tokio::test]
+async fn cluster_config_is_created_once_and_adopted() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let cfg = placement::wire::ClusterConfig::new(testkit::shard_map());
+    let first = b.cluster.init_config(&cfg).await.unwrap();
+    let mut other = cfg.clone();
+    other.max_attempts = 9;
+    let second = b.cluster.init_config(&other).await.unwrap();
+    assert_eq!(second.value, cfg, "a running cluster keeps its config");
+    assert_eq!(first.revision, second.revision);
+}
