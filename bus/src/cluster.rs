@@ -5,8 +5,10 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use placement::shard::ClassKey;
-use placement::subjects::{BACKLOG_PREFIX, CLUSTER_KEY, backlog_key, group_key};
-use placement::wire::{BacklogFlag, ClusterConfig, GroupPin, decode, encode};
+use placement::subjects::{
+    BACKLOG_PREFIX, CLUSTER_KEY, DEMAND_PREFIX, backlog_key, demand_key, group_key,
+};
+use placement::wire::{BacklogFlag, ClassDemand, ClusterConfig, GroupPin, decode, encode};
 
 use crate::kv::Kv;
 use crate::{BusError, Versioned};
@@ -26,6 +28,8 @@ pub enum ClusterEvent {
     Flag(BacklogFlag),
     /// A class's flag was cleared (`backlog.<class>` key).
     FlagCleared(String),
+    /// A zone's class demand was updated.
+    Demand(ClassDemand),
 }
 
 impl ClusterStore {
@@ -96,6 +100,14 @@ impl ClusterStore {
         Ok(out)
     }
 
+    /// Stores a zone's class demand.
+    pub async fn put_demand(&self, demand: &ClassDemand) -> Result<(), BusError> {
+        self.kv
+            .put(&demand_key(&demand.zone), encode(demand).into())
+            .await
+            .map(|_| ())
+    }
+
     /// Pins affinity group `name` to a node; [`BusError::Exists`] when it is pinned already.
     pub async fn pin_group(&self, name: &str, pin: &GroupPin) -> Result<(), BusError> {
         self.kv
@@ -141,6 +153,10 @@ impl ClusterStore {
                             None
                         }
                     }
+                } else if e.key.starts_with(DEMAND_PREFIX) && put {
+                    decode::<ClassDemand>(&e.value)
+                        .ok()
+                        .map(ClusterEvent::Demand)
                 } else if e.key.starts_with(BACKLOG_PREFIX) {
                     if !put {
                         return Some(ClusterEvent::FlagCleared(e.key));

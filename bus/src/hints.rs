@@ -93,6 +93,21 @@ impl HintPublisher {
         }
     }
 
+    /// Removes the hint of `id` from `lane` of `shard` (a spilled hint nobody will take once
+    /// the request left the queue).
+    pub async fn purge(&self, shard: &ShardId, lane: Lane, id: &RequestId) -> Result<(), BusError> {
+        let body = serde_json::json!({ "filter": hint_subject(shard, lane, id) }).to_string();
+        let stream = shard_stream(shard);
+        self.client
+            .request(
+                placement::subjects::stream_purge_subject(&stream),
+                body.into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::nats(format!("purge hint {id} from {stream}"), e))
+    }
+
     /// True when a hint for `id` sits on `lane` of `shard` (one direct get).
     pub async fn exists(
         &self,

@@ -37,7 +37,7 @@ pub use error::BusError;
 pub use topology::{Bus, TopologyConfig};
 
 /// A value and the KV revision it was read at (the revision a compare-and-swap must name).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Versioned<T> {
     /// The decoded value.
     pub value: T,

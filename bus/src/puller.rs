@@ -1,10 +1,13 @@
-//! A node's outstanding pulls, all answered on one subscription.
+//! A node's outstanding pulls. Each pull asks one shard lane's consumer for one message, with
+//! the node's fitness bucket as its priority in the lane's priority group, on its own inbox.
 //!
-//! Each pull asks one shard lane's consumer for one message, with the node's fitness bucket
-//! as its priority in the consumer's priority group, and expires at the server. A delivered
-//! message names its stream and consumer in its ack subject, and a node keeps at most one pull
-//! per lane, so a delivery maps back to its pull; an expiry (status 408) names the pull's own
-//! inbox. Pulls whose answer never came (a reconnect lost it) end by a local deadline.
+//! A pull ends in one of four ways: a message arrives; the server expires it (status 408) or
+//! refuses it (409: max waiting, leadership change...); no answer came by its local deadline
+//! (lost in a reconnect); or the node cancels it. Cancelling unsubscribes the inbox: the server
+//! drops a waiting pull whose reply subject has no interest left, so a node can re-plan its
+//! pulls (new priorities, other classes) at once instead of waiting for them to expire. A
+//! message already in flight when the pull was cancelled is still handed over (the inbox is
+//! drained, not dropped), as a delivery with no pull.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,10 +17,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use placement::ledger::PullId;
 use placement::subjects::{PRIORITY_GROUP, pull_request_subject, shard_consumer, shard_stream};
-use placement::time::duration_ms;
 use placement::{Lane, ShardId};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::BusError;
 
@@ -58,15 +59,15 @@ pub enum PullEnd {
 /// What the puller reports.
 #[derive(Debug)]
 pub enum PullEvent {
-    /// A message arrived; `pull` is the pull it answered (`None` if that pull had already ended
-    /// locally: the delivery is still real and must be handled).
+    /// A message arrived; `pull` is the pull it answered, `None` when that pull had been
+    /// cancelled meanwhile (the delivery is real all the same and must be handled).
     Delivered {
         /// The pull it answered.
         pull: Option<PullId>,
         /// The message.
         delivery: Box<Delivery>,
     },
-    /// A pull ended without a message.
+    /// A pull ended without a message (never sent for a cancelled pull).
     Ended {
         /// The pull.
         pull: PullId,
@@ -136,216 +137,143 @@ fn parse_ack(reply: &str) -> Option<(String, String, u64)> {
     Some((t[s].to_string(), t[c].to_string(), t[d].parse().ok()?))
 }
 
-struct Outstanding {
-    pull: PullId,
-    token: u64,
-    deadline: Instant,
+fn delivery(client: &async_nats::Client, m: async_nats::Message) -> Option<Delivery> {
+    let reply = m.reply.as_ref()?.to_string();
+    let (stream, consumer, delivered) = parse_ack(&reply)?;
+    Some(Delivery {
+        client: client.clone(),
+        reply,
+        subject: m.subject.to_string(),
+        payload: m.payload,
+        stream,
+        consumer,
+        delivered,
+    })
 }
 
-#[derive(Default)]
-struct Table {
-    by_lane: HashMap<(String, String), Outstanding>,
-    by_token: HashMap<u64, (String, String)>,
-    next_token: u64,
-}
-
-impl Table {
-    fn remove_lane(&mut self, key: &(String, String)) -> Option<Outstanding> {
-        let o = self.by_lane.remove(key)?;
-        self.by_token.remove(&o.token);
-        Some(o)
-    }
-}
-
-/// Issues pulls; events arrive on the receiver returned by [`Puller::start`].
+/// Issues and cancels pulls; events arrive on the receiver returned by [`Puller::new`].
 #[derive(Clone)]
 pub struct Puller {
     client: async_nats::Client,
-    inbox: String,
-    table: Arc<Mutex<Table>>,
+    events: mpsc::Sender<PullEvent>,
+    cancels: Arc<Mutex<HashMap<PullId, oneshot::Sender<()>>>>,
 }
 
 impl std::fmt::Debug for Puller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Puller")
-            .field("inbox", &self.inbox)
+            .field("outstanding", &self.outstanding())
             .finish()
     }
 }
 
 impl Puller {
-    /// Subscribes the pull inbox and starts routing answers. The task ends when the receiver
-    /// is dropped.
-    pub async fn start(
-        client: async_nats::Client,
-    ) -> Result<(Puller, mpsc::Receiver<PullEvent>), BusError> {
-        let inbox = client.new_inbox();
-        let mut sub = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .map_err(|e| BusError::nats("subscribe pull inbox", e))?;
-        let (tx, rx) = mpsc::channel(1024);
-        let table = Arc::new(Mutex::new(Table::default()));
-        let puller = Puller {
-            client: client.clone(),
-            inbox: inbox.clone(),
-            table: table.clone(),
-        };
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                let events = tokio::select! {
-                    m = sub.next() => match m {
-                        Some(m) => route(&client, &inbox, &table, m),
-                        None => break,
-                    },
-                    _ = tick.tick() => expire(&table),
-                };
-                for ev in events {
-                    if tx.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok((puller, rx))
+    /// A puller on `client` and the receiver of its events.
+    pub fn new(client: async_nats::Client) -> (Puller, mpsc::Receiver<PullEvent>) {
+        let (events, rx) = mpsc::channel(1024);
+        (
+            Puller {
+                client,
+                events,
+                cancels: Arc::new(Mutex::new(HashMap::new())),
+            },
+            rx,
+        )
     }
 
-    /// Issues one pull. Refused when a pull on that lane is already outstanding.
+    /// Issues one pull (subscribes its inbox, sends the request).
     pub async fn issue(&self, spec: &PullSpec) -> Result<(), BusError> {
         let stream = shard_stream(&spec.shard);
         let consumer = shard_consumer(&spec.shard, spec.lane);
-        let token = {
-            let mut t = self.table.lock().expect("puller table lock");
-            let key = (stream.clone(), consumer.clone());
-            if t.by_lane.contains_key(&key) {
-                return Err(BusError::Exists {
-                    key: format!("pull on {consumer}"),
-                });
-            }
-            t.next_token += 1;
-            let token = t.next_token;
-            let deadline = Instant::now() + spec.expiry + LOCAL_GRACE;
-            t.by_lane.insert(
-                key.clone(),
-                Outstanding {
-                    pull: spec.pull,
-                    token,
-                    deadline,
-                },
-            );
-            t.by_token.insert(token, key);
-            token
-        };
-        let expires_ns = u64::try_from(spec.expiry.as_nanos()).unwrap_or(u64::MAX);
-        let body = serde_json::json!({
-            "batch": 1,
-            "expires": expires_ns,
-            "group": PRIORITY_GROUP,
-            "priority": spec.priority,
-        });
-        let sent = self
+        let inbox = self.client.new_inbox();
+        let mut sub = self
             .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::nats(format!("pull inbox for {consumer}"), e))?;
+        let expires_ns = u64::try_from(spec.expiry.as_nanos()).unwrap_or(u64::MAX);
+        let body = serde_json::json!({ "batch": 1, "expires": expires_ns, "group": PRIORITY_GROUP, "priority": spec.priority });
+        self.client
             .publish_with_reply(
                 pull_request_subject(&stream, &consumer),
-                format!("{}.{token}", self.inbox),
+                inbox,
                 body.to_string().into(),
             )
-            .await;
-        if let Err(e) = sent {
-            let mut t = self.table.lock().expect("puller table lock");
-            t.remove_lane(&(stream, consumer.clone()));
-            return Err(BusError::nats(format!("pull {consumer}"), e));
-        }
-        tracing::trace!(
-            consumer,
-            priority = spec.priority,
-            expiry_ms = duration_ms(spec.expiry),
-            "pull issued"
-        );
+            .await
+            .map_err(|e| BusError::nats(format!("pull {consumer}"), e))?;
+        let (cancel_tx, mut cancel_rx) = oneshot::channel();
+        self.cancels
+            .lock()
+            .expect("cancels lock")
+            .insert(spec.pull, cancel_tx);
+        let client = self.client.clone();
+        let events = self.events.clone();
+        let cancels = self.cancels.clone();
+        let pull = spec.pull;
+        let deadline = tokio::time::sleep(spec.expiry + LOCAL_GRACE);
+        tokio::spawn(async move {
+            tokio::pin!(deadline);
+            let ended = loop {
+                tokio::select! {
+                    m = sub.next() => match m {
+                        None => break Some(PullEnd::Lost),
+                        Some(m) => match m.status.map(|s| s.as_u16()) {
+                            Some(100) => continue,
+                            Some(408) => break Some(PullEnd::Expired),
+                            Some(code) => break Some(PullEnd::Refused { code, description: m.description.clone().unwrap_or_default() }),
+                            None => {
+                                if let Some(d) = delivery(&client, m) {
+                                    cancels.lock().expect("cancels lock").remove(&pull);
+                                    let _ = events.send(PullEvent::Delivered { pull: Some(pull), delivery: Box::new(d) }).await;
+                                }
+                                break None;
+                            }
+                        },
+                    },
+                    _ = &mut cancel_rx => {
+                        // cancelled: stop interest, but hand over anything already in flight
+                        let _ = sub.drain().await;
+                        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+                            if m.status.is_none()
+                                && let Some(d) = delivery(&client, m) {
+                                    let _ = events.send(PullEvent::Delivered { pull: None, delivery: Box::new(d) }).await;
+                                }
+                        }
+                        return;
+                    }
+                    _ = &mut deadline => break Some(PullEnd::Lost),
+                }
+            };
+            let _ = sub.unsubscribe().await;
+            if let Some(why) = ended
+                && cancels
+                    .lock()
+                    .expect("cancels lock")
+                    .remove(&pull)
+                    .is_some()
+            {
+                let _ = events.send(PullEvent::Ended { pull, why }).await;
+            }
+        });
         Ok(())
+    }
+
+    /// Cancels a pull; true when it was still outstanding. Its credit may be reused at once: a
+    /// message already in flight arrives as a delivery with no pull.
+    pub fn cancel(&self, pull: PullId) -> bool {
+        match self.cancels.lock().expect("cancels lock").remove(&pull) {
+            Some(tx) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Number of pulls outstanding.
     pub fn outstanding(&self) -> usize {
-        self.table.lock().expect("puller table lock").by_lane.len()
+        self.cancels.lock().expect("cancels lock").len()
     }
-}
-
-fn route(
-    client: &async_nats::Client,
-    inbox: &str,
-    table: &Mutex<Table>,
-    m: async_nats::Message,
-) -> Vec<PullEvent> {
-    let mut t = table.lock().expect("puller table lock");
-    if let Some(status) = m.status {
-        let code = status.as_u16();
-        if code == 100 {
-            return Vec::new(); // idle heartbeat
-        }
-        let token = m
-            .subject
-            .as_str()
-            .strip_prefix(inbox)
-            .and_then(|s| s.strip_prefix('.'))
-            .and_then(|s| s.parse::<u64>().ok());
-        let Some(key) = token.and_then(|tok| t.by_token.get(&tok).cloned()) else {
-            return Vec::new();
-        };
-        let Some(o) = t.remove_lane(&key) else {
-            return Vec::new();
-        };
-        let why = if code == 408 {
-            PullEnd::Expired
-        } else {
-            PullEnd::Refused {
-                code,
-                description: m.description.clone().unwrap_or_default(),
-            }
-        };
-        return vec![PullEvent::Ended { pull: o.pull, why }];
-    }
-    let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
-        return Vec::new();
-    };
-    let Some((stream, consumer, delivered)) = parse_ack(&reply) else {
-        return Vec::new();
-    };
-    let pull = t
-        .remove_lane(&(stream.clone(), consumer.clone()))
-        .map(|o| o.pull);
-    vec![PullEvent::Delivered {
-        pull,
-        delivery: Box::new(Delivery {
-            client: client.clone(),
-            reply,
-            subject: m.subject.to_string(),
-            payload: m.payload,
-            stream,
-            consumer,
-            delivered,
-        }),
-    }]
-}
-
-fn expire(table: &Mutex<Table>) -> Vec<PullEvent> {
-    let now = Instant::now();
-    let mut t = table.lock().expect("puller table lock");
-    let overdue: Vec<(String, String)> = t
-        .by_lane
-        .iter()
-        .filter(|(_, o)| o.deadline <= now)
-        .map(|(k, _)| k.clone())
-        .collect();
-    overdue
-        .into_iter()
-        .filter_map(|k| t.remove_lane(&k))
-        .map(|o| PullEvent::Ended {
-            pull: o.pull,
-            why: PullEnd::Lost,
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use placement::RequestId;
-use placement::lifecycle::RequestRecord;
+use placement::lifecycle::{RequestRecord, TransitionError};
 use placement::wire::{decode, encode};
 
 use crate::kv::{Kv, Raw};
@@ -19,6 +19,26 @@ use crate::{BusError, Versioned};
 pub struct RecordStore {
     kv: Kv,
     finished_ttl: Duration,
+}
+
+/// Compare-and-swap rounds before [`RecordStore::update`] gives up.
+pub const UPDATE_ATTEMPTS: usize = 8;
+
+/// Why an update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The record does not exist.
+    #[error("no such request")]
+    Missing,
+    /// The change does not apply to the current record.
+    #[error(transparent)]
+    Transition(TransitionError),
+    /// Too many concurrent writers.
+    #[error("record kept changing under {UPDATE_ATTEMPTS} attempts")]
+    Contended,
+    /// NATS failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 /// A change seen by a watcher.
@@ -107,6 +127,68 @@ impl RecordStore {
                 self.ttl_for(record),
             )
             .await
+    }
+
+    /// Applies `change` to the current record and writes the result with a compare-and-swap,
+    /// re-reading and re-applying on conflict (so `change` always decides on fresh data). After
+    /// an ambiguous write it re-reads from the leader. `change` returning the record unchanged
+    /// writes nothing.
+    pub async fn update<F>(
+        &self,
+        id: &RequestId,
+        change: F,
+    ) -> Result<Versioned<RequestRecord>, UpdateError>
+    where
+        F: FnMut(&RequestRecord) -> Result<RequestRecord, TransitionError>,
+    {
+        self.update_from(id, None, change).await
+    }
+
+    /// Like [`RecordStore::update`], starting from a record already in hand (saves a read when
+    /// nothing changed since).
+    pub async fn update_from<F>(
+        &self,
+        id: &RequestId,
+        known: Option<Versioned<RequestRecord>>,
+        mut change: F,
+    ) -> Result<Versioned<RequestRecord>, UpdateError>
+    where
+        F: FnMut(&RequestRecord) -> Result<RequestRecord, TransitionError>,
+    {
+        let mut leader = false;
+        let mut known = known;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = match known.take() {
+                Some(k) => Some(k),
+                None if leader => self.get_leader(id).await?,
+                None => self.get(id).await?,
+            };
+            let current = current.ok_or(UpdateError::Missing)?;
+            let next = change(&current.value).map_err(UpdateError::Transition)?;
+            if next == current.value {
+                return Ok(current);
+            }
+            match self.cas(&next, current.revision).await {
+                Ok(revision) => {
+                    return Ok(Versioned {
+                        value: next,
+                        revision,
+                    });
+                }
+                Err(e) if e.is_conflict() => leader = true,
+                Err(e) if e.is_ambiguous() => {
+                    // the write may have landed: if the leader has exactly our record, it did
+                    if let Some(now) = self.get_leader(id).await?
+                        && now.value == next
+                    {
+                        return Ok(now);
+                    }
+                    leader = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(UpdateError::Contended)
     }
 
     fn ttl_for(&self, record: &RequestRecord) -> Option<Duration> {

@@ -229,6 +229,8 @@ impl Bus {
                 max_bytes: cfg.max_bytes_per_shard,
                 max_messages_per_subject: 1,
                 duplicate_window: cfg.duplicate_window,
+                // no request waits longer than the longest deadline: older hints are garbage
+                max_age: Duration::from_secs(placement::request::MAX_DEADLINE_S + 3600),
                 allow_direct: true,
                 ..Default::default()
             })

@@ -308,8 +308,8 @@ async fn pulls_are_served_by_priority_and_expire() {
     };
     let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
     let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
-    let (p1, mut e1) = Puller::start(c1).await.unwrap();
-    let (p2, mut e2) = Puller::start(c2).await.unwrap();
+    let (p1, mut e1) = Puller::new(c1);
+    let (p2, mut e2) = Puller::new(c2);
     let r = record("p1");
     let pull = |id: u64, priority: u8| PullSpec {
         pull: PullId(id),
@@ -320,7 +320,6 @@ async fn pulls_are_served_by_priority_and_expire() {
     };
     // the emptier node asks first with a worse priority; the fuller node asks later, better
     p1.issue(&pull(1, 7)).await.unwrap();
-    assert!(p1.issue(&pull(9, 7)).await.is_err(), "one pull per lane");
     tokio::time::sleep(Duration::from_millis(100)).await;
     p2.issue(&pull(2, 1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -359,7 +358,7 @@ async fn nak_hands_back_to_another_puller() {
         ..Default::default()
     };
     let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
-    let (p1, mut e1) = Puller::start(c1).await.unwrap();
+    let (p1, mut e1) = Puller::new(c1);
     let r = record("nak1");
     b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
     let spec = |id| PullSpec {
@@ -381,6 +380,52 @@ async fn nak_hands_back_to_another_puller() {
     assert_eq!(pull, Some(PullId(2)));
     assert_eq!(delivery.delivered, 2);
     delivery.term().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelled_pulls_stop_competing() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
+    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
+    let (p1, mut e1) = Puller::new(c1);
+    let (p2, mut e2) = Puller::new(c2);
+    let r = record("c1");
+    let pull = |id: u64, priority: u8| PullSpec {
+        pull: PullId(id),
+        shard: r.shard.clone(),
+        lane: Lane::Fit,
+        priority,
+        expiry: Duration::from_secs(5),
+    };
+    // the better pull is cancelled: the message must go to the worse one, at once
+    p1.issue(&pull(1, 0)).await.unwrap();
+    p2.issue(&pull(2, 9)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(p1.cancel(PullId(1)));
+    assert!(!p1.cancel(PullId(1)), "cancel is idempotent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), e2.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PullEvent::Delivered { pull, .. } => assert_eq!(pull, Some(PullId(2))),
+        other => panic!("expected a delivery to the remaining pull, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), e1.recv())
+            .await
+            .is_err(),
+        "a cancelled pull reports nothing"
+    );
+    assert_eq!(p1.outstanding(), 0);
 }
 
 #[tokio::test]

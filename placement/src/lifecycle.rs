@@ -189,6 +189,10 @@ pub struct RequestRecord {
     /// Its hint was also published to the spill lane for this attempt.
     #[serde(default)]
     pub spilled: bool,
+    /// A `failed` that a client may retry with the same id and body (the shard was full when
+    /// it was submitted, so it never really entered the queue).
+    #[serde(default)]
+    pub retryable: bool,
     /// Recent transitions, oldest first, at most [`HISTORY_LEN`].
     #[serde(default)]
     pub history: Vec<Transition>,
@@ -264,6 +268,7 @@ impl RequestRecord {
             queued_at: now,
             active_at: None,
             spilled: false,
+            retryable: false,
             history: Vec::new(),
         }
     }
@@ -461,6 +466,35 @@ impl RequestRecord {
         Ok(self.next(State::Failed, now, None, Some(reason.to_string())))
     }
 
+    /// Fails a queued request that could not enter its queue (the shard is full); a later
+    /// submit of the same id and body may [`retry`](Self::retry) it.
+    pub fn fail_retryable(
+        &self,
+        attempt: u32,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Self, TransitionError> {
+        let mut r = self.fail(attempt, reason, now)?;
+        r.retryable = true;
+        Ok(r)
+    }
+
+    /// Puts a retryable failed request back in the queue, as a new attempt with a fresh
+    /// deadline.
+    pub fn retry(&self, now: Timestamp) -> Result<Self, TransitionError> {
+        if self.state != State::Failed || !self.retryable {
+            return Err(self.illegal("retry"));
+        }
+        let mut r = self.next(State::Queued, now, None, None);
+        r.attempt += 1;
+        r.retryable = false;
+        r.spilled = false;
+        r.reason = None;
+        r.queued_at = now;
+        r.deadline_at = now.plus(std::time::Duration::from_secs(self.spec.deadline_s));
+        Ok(r)
+    }
+
     /// Fails a queued request whose deadline has passed (sweep and timer path).
     pub fn expire(&self, reason: &str, now: Timestamp) -> Result<Self, TransitionError> {
         if now < self.deadline_at {
@@ -548,6 +582,30 @@ impl RequestRecord {
             now,
             node,
             Some("force-deleted by operator".into()),
+        );
+        r.claim = None;
+        Ok(r)
+    }
+
+    /// The owning node found the VM gone (reconcile): the request fails, with the reason.
+    pub fn lost(
+        &self,
+        claim: &Claim,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Self, TransitionError> {
+        if !matches!(self.state, State::Active | State::HostDown) {
+            return Err(self.illegal("mark lost"));
+        }
+        match &self.claim {
+            Some(c) if c.same_owner(claim) => {}
+            _ => return Err(TransitionError::ClaimMismatch),
+        }
+        let mut r = self.next(
+            State::Failed,
+            now,
+            Some(claim.node.clone()),
+            Some(reason.to_string()),
         );
         r.claim = None;
         Ok(r)

@@ -226,6 +226,7 @@ mod tests {
             since: Timestamp(since),
             oldest_age_ms: 10_000,
             depth: 3,
+            smallest: Resources::default(),
             updated_at: Timestamp(since),
         }
     }

@@ -25,7 +25,7 @@ use crate::policy::{Backlogged, GuardConfig, HoldBack, Policy, fitness_bucket, h
 use crate::resources::Resources;
 use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
 use crate::time::Timestamp;
-use crate::wire::BacklogFlag;
+use crate::wire::{BacklogFlag, DemandEntry};
 
 /// Default lifetime of one pull request at the server.
 pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(10);
@@ -36,8 +36,12 @@ pub const DEFAULT_MAX_PULLS: usize = 24;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PullOrder {
-    /// Largest full-fit class, then smallest up (the default).
+    /// Classes by recent demand (the most requested first, the largest fully fitting one
+    /// first when it is requested at all), then the rest smallest up; without demand data,
+    /// as `largest_then_smallest`. The default.
     #[default]
+    Demand,
+    /// Largest full-fit class, then smallest up.
     LargestThenSmallest,
     /// Smallest class first.
     SmallestFirst,
@@ -58,7 +62,8 @@ pub struct PullConfig {
     /// Lifetime of one pull at the server.
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
-    /// Take near-fit work from the spill lane of backlogged classes.
+    /// Take near-fit work from the spill lane of backlogged classes (when the node could hold
+    /// the smallest request waiting there).
     pub near_fit: bool,
     /// The starvation guard.
     pub guard: GuardConfig,
@@ -68,7 +73,7 @@ impl Default for PullConfig {
     fn default() -> Self {
         PullConfig {
             policy: Policy::Pack,
-            order: PullOrder::LargestThenSmallest,
+            order: PullOrder::Demand,
             max_pulls: DEFAULT_MAX_PULLS,
             expiry: DEFAULT_PULL_EXPIRY,
             near_fit: true,
@@ -123,6 +128,8 @@ pub struct PlanInput<'a> {
     pub outstanding: &'a [(ShardId, Lane)],
     /// Current backlog flags (any zone; the planner filters).
     pub backlog: &'a [BacklogFlag],
+    /// Recent demand per class in the node's zone (empty when unknown).
+    pub demand: &'a [DemandEntry],
     /// Settings.
     pub cfg: &'a PullConfig,
     /// Now.
@@ -146,6 +153,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         ledger,
         outstanding,
         backlog,
+        demand,
         cfg,
         now,
     } = *input;
@@ -196,20 +204,27 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
                 credit: b.bound.clone(),
                 bound: b.bound.clone(),
             });
-        } else if cfg.near_fit && map.lower_bound(size).fits(&unallocated) && home.contains(&tclass)
-        {
-            order.push(Candidate {
-                tclass,
-                size,
-                lane: Lane::Spill,
-                credit: map.lower_bound(size),
-                bound: b.bound.clone(),
-            });
+        } else if cfg.near_fit && home.contains(&tclass) {
+            // near fit: worth a spill pull when this node could hold the smallest waiting one
+            let smallest = if b.flag.smallest.is_zero() {
+                map.lower_bound(size)
+            } else {
+                b.flag.smallest.clone()
+            };
+            if smallest.fits(&unallocated) {
+                order.push(Candidate {
+                    tclass,
+                    size,
+                    lane: Lane::Spill,
+                    credit: smallest,
+                    bound: b.bound.clone(),
+                });
+            }
         }
     }
     // 2. home classes in the configured order
     for tclass in &home {
-        order.extend(class_order(map, tclass, &unallocated, cfg.order));
+        order.extend(class_order(map, tclass, &unallocated, cfg.order, demand));
     }
 
     for c in order {
@@ -267,6 +282,7 @@ fn class_order(
     tclass: &TraitClassName,
     unallocated: &Resources,
     order: PullOrder,
+    demand: &[DemandEntry],
 ) -> Vec<Candidate> {
     let n = map.size_classes.len();
     let full: Vec<u8> = (0..n)
@@ -283,18 +299,45 @@ fn class_order(
             bound,
         }
     };
-    match order {
-        PullOrder::LargestThenSmallest => {
-            let largest = full.last().copied();
-            largest
-                .into_iter()
-                .chain(full.iter().copied().filter(|s| Some(*s) != largest))
-                .map(fit)
-                .collect()
+    let largest = full.last().copied();
+    let largest_then_smallest = || {
+        largest
+            .into_iter()
+            .chain(full.iter().copied().filter(|s| Some(*s) != largest))
+            .collect::<Vec<u8>>()
+    };
+    let sizes: Vec<u8> = match order {
+        PullOrder::Demand => {
+            let rate = |s: u8| {
+                demand
+                    .iter()
+                    .find(|d| &d.tclass == tclass && d.size == s)
+                    .map(|d| d.per_min)
+                    .unwrap_or(0.0)
+            };
+            if full.iter().all(|s| rate(*s) <= 0.0) {
+                largest_then_smallest()
+            } else {
+                let mut v: Vec<u8> = Vec::with_capacity(full.len());
+                if let Some(l) = largest.filter(|l| rate(*l) > 0.0) {
+                    v.push(l);
+                }
+                let mut wanted: Vec<u8> = full
+                    .iter()
+                    .copied()
+                    .filter(|s| rate(*s) > 0.0 && !v.contains(s))
+                    .collect();
+                wanted.sort_by(|a, b| rate(*b).total_cmp(&rate(*a)).then(b.cmp(a)));
+                v.extend(wanted);
+                v.extend(full.iter().copied().filter(|s| rate(*s) <= 0.0));
+                v
+            }
         }
-        PullOrder::SmallestFirst => full.iter().copied().map(fit).collect(),
-        PullOrder::LargestFirst => full.iter().rev().copied().map(fit).collect(),
-    }
+        PullOrder::LargestThenSmallest => largest_then_smallest(),
+        PullOrder::SmallestFirst => full.clone(),
+        PullOrder::LargestFirst => full.iter().rev().copied().collect(),
+    };
+    sizes.into_iter().map(fit).collect()
 }
 
 #[cfg(test)]
@@ -336,6 +379,7 @@ mod tests {
             ledger,
             outstanding,
             backlog,
+            demand: &[],
             cfg,
             now: Timestamp(1000),
         };
@@ -388,6 +432,7 @@ mod tests {
             since: Timestamp(0),
             oldest_age_ms: 5000,
             depth: 10,
+            smallest: Resources::default(),
             updated_at: Timestamp(0),
         }
     }
@@ -473,5 +518,37 @@ mod tests {
         let p = plan(&gpu, &map, &ledger, &[], &[flag(2)], &PullConfig::default());
         assert_eq!(p.pulls[0].shard.tclass.as_str(), "std");
         assert_eq!(p.pulls[0].shard.size, 2);
+    }
+
+    #[test]
+    fn demand_orders_credit() {
+        let (node, map, ledger) = setup(64);
+        // 64 GiB: without demand the largest class (64 GiB) takes everything
+        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        assert_eq!(p.pulls.len(), 1);
+        // with demand for 2 GiB and 8 GiB classes only, those come first and the rest follows
+        let d = |size, per_min| DemandEntry {
+            tclass: ShardMap::std_class(),
+            size,
+            per_min,
+        };
+        let demand = vec![d(2, 30.0), d(6, 5.0)];
+        let input = PlanInput {
+            node: &node,
+            map: &map,
+            ledger: &ledger,
+            outstanding: &[],
+            backlog: &[],
+            demand: &demand,
+            cfg: &PullConfig::default(),
+            now: Timestamp(0),
+        };
+        let p = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let sizes: Vec<u8> = p.pulls.iter().map(|i| i.shard.size).collect();
+        assert_eq!(&sizes[..2], &[2, 6], "{sizes:?}");
+        assert!(
+            sizes.len() > 2,
+            "credit left over goes to other classes: {sizes:?}"
+        );
     }
 }

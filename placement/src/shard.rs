@@ -460,7 +460,8 @@ fn grow(v: u64, k: u32) -> u64 {
 }
 
 /// The shard map a new cluster starts with: one zone, an exclusive `gpu` class, a ladder from
-/// 1 vCPU / 1 GiB / 4 GiB disk up to 64 vCPU / 256 GiB / 1 TiB disk (17 classes).
+/// 1 vCPU / 1 GiB / 10 GiB disk up to 64 vCPU / 256 GiB / 2.5 TiB disk (17 classes), the
+/// disk-to-memory ratio of common flavors (m1.small: 2 GiB, 20 GiB).
 pub fn default_shard_map(zone: Zone) -> ShardMap {
     let gpu = TraitClass {
         name: TraitClassName::new("gpu").expect("static name"),
@@ -479,8 +480,8 @@ pub fn default_shard_map(zone: Zone) -> ShardMap {
         default_zone: zone,
         trait_classes: vec![gpu],
         size_classes: sqrt2_ladder(
-            &Resources::new(1, 1024, 4),
-            &Resources::new(64, 256 * 1024, 1024),
+            &Resources::new(1, 1024, 10),
+            &Resources::new(64, 256 * 1024, 2560),
         ),
     }
 }
@@ -519,14 +520,14 @@ mod tests {
         m.validate().unwrap();
         let c = &m.size_classes;
         assert_eq!(c.len(), 17);
-        assert_eq!(c[0].upper, Resources::new(1, 1024, 4));
-        assert_eq!(c[1].upper, Resources::new(2, 1448, 6));
-        assert_eq!(c[2].upper, Resources::new(2, 2048, 8));
+        assert_eq!(c[0].upper, Resources::new(1, 1024, 10));
+        assert_eq!(c[1].upper, Resources::new(2, 1448, 15));
+        assert_eq!(c[2].upper, Resources::new(2, 2048, 20));
         for w in c.windows(2) {
             let r = w[1].upper.memory_mib as f64 / w[0].upper.memory_mib as f64;
             assert!((1.0..=1.5).contains(&r), "memory step {r}");
         }
-        assert_eq!(m.largest(), &Resources::new(64, 256 * 1024, 1024));
+        assert_eq!(m.largest(), &Resources::new(64, 256 * 1024, 2560));
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub fn direct_get_subject(stream: &str) -> String {
     format!("$JS.API.DIRECT.GET.{stream}")
 }
 
+/// The JetStream API subject of a purge of a stream.
+pub fn stream_purge_subject(stream: &str) -> String {
+    format!("$JS.API.STREAM.PURGE.{stream}")
+}
+
 /// The JetStream API subject of a pull request for one consumer.
 pub fn pull_request_subject(stream: &str, consumer: &str) -> String {
     format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
@@ -105,6 +110,14 @@ pub fn hint_msg_id(id: &RequestId, attempt: u32, lane: Lane) -> String {
 pub fn backlog_key(class: &ClassKey) -> String {
     format!("backlog.{}.{}.s{:02}", class.zone, class.tclass, class.size)
 }
+
+/// Key of a zone's class demand in [`CONFIG_BUCKET`].
+pub fn demand_key(zone: &crate::ids::Zone) -> String {
+    format!("demand.{zone}")
+}
+
+/// Prefix of every demand key.
+pub const DEMAND_PREFIX: &str = "demand.";
 
 /// Prefix of every backlog key (for watching them all).
 pub const BACKLOG_PREFIX: &str = "backlog.";

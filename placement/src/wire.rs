@@ -87,7 +87,8 @@ versioned!(
     ClusterConfig,
     Timer,
     RequestEvent,
-    GroupPin
+    GroupPin,
+    ClassDemand
 );
 
 impl Versioned for RequestRecord {
@@ -249,8 +250,37 @@ pub struct BacklogFlag {
     pub oldest_age_ms: u64,
     /// Hints waiting when last measured.
     pub depth: u64,
+    /// Component-wise minimum of the waiting requests: a node that cannot hold this cannot
+    /// hold any of them (near-fit takers check it before pulling the spill lane).
+    #[serde(default)]
+    pub smallest: Resources,
     /// Last measurement.
     pub updated_at: Timestamp,
+}
+
+/// How often each class of a zone is requested, written by dispatchers every few seconds so
+/// nodes spend their pull credit on classes that are actually asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassDemand {
+    /// Version.
+    pub v: u32,
+    /// Zone.
+    pub zone: Zone,
+    /// Requests per minute by class (classes with none are absent).
+    pub rates: Vec<DemandEntry>,
+    /// When measured.
+    pub updated_at: Timestamp,
+}
+
+/// One class's request rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DemandEntry {
+    /// Trait class.
+    pub tclass: crate::ids::TraitClassName,
+    /// Size class.
+    pub size: u8,
+    /// Requests per minute (recent, decayed).
+    pub per_min: f64,
 }
 
 /// Cluster-wide settings every dispatcher and node agree on, stored versioned in KV.

@@ -90,7 +90,7 @@ proptest! {
         let mut ledger = NodeLedger::new(Resources::new(64, 512 * 1024, 4000), Resources::default(), AllocationRatios::default()).unwrap();
         let _ = ledger.reserve(&rid(0), &used, None);
         let cfg = PullConfig { order, ..Default::default() };
-        let input = PlanInput { node: &node, map: &map, ledger: &ledger, outstanding: &[], backlog: &[], cfg: &cfg, now: Timestamp(0) };
+        let input = PlanInput { node: &node, map: &map, ledger: &ledger, outstanding: &[], backlog: &[], demand: &[], cfg: &cfg, now: Timestamp(0) };
         let plan = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
         let mut total_credit = Resources::default();
         for intent in &plan.pulls {
@@ -173,6 +173,12 @@ enum Action {
     Spill {
         attempt_delta: i8,
     },
+    Lost {
+        node: u8,
+        token: u8,
+    },
+    FailRetryable,
+    Retry,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -192,6 +198,9 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Force),
         1 => (n, t, e).prop_map(|(n, t, e)| Action::Reconfirm { node: n, token: t, epoch: e }),
         1 => (-1i8..=1).prop_map(|a| Action::Spill { attempt_delta: a }),
+        1 => (0u8..3, 0u8..3).prop_map(|(n, t)| Action::Lost { node: n, token: t }),
+        1 => Just(Action::FailRetryable),
+        1 => Just(Action::Retry),
     ]
 }
 
@@ -204,16 +213,17 @@ fn claim(node: u8, epoch: u8, token: u8) -> Claim {
     }
 }
 
-fn legal(from: State, to: State) -> bool {
+fn legal(from: State, to: State, retryable: bool) -> bool {
     use State::*;
     from == to
+        || (from == Failed && to == Queued && retryable)
         || matches!(
             (from, to),
             (Queued, Claimed | Failed | Deleted)
                 | (Claimed, Building | Queued | Failed | Deleting)
                 | (Building, Active | Queued | Failed | Deleting)
-                | (Active, HostDown | Deleting)
-                | (HostDown, Active | Deleting | Deleted)
+                | (Active, HostDown | Deleting | Failed)
+                | (HostDown, Active | Deleting | Deleted | Failed)
                 | (Deleting, Deleted)
                 | (Failed, Deleted)
         )
@@ -265,11 +275,14 @@ proptest! {
                 Action::Force => r.force_delete(now),
                 Action::Reconfirm { node, token, epoch } => r.reconfirm(&claim(*node, 0, *token), Epoch(u64::from(*epoch)), now),
                 Action::Spill { attempt_delta } => r.mark_spilled(delta(r.attempt, *attempt_delta), now),
+                Action::Lost { node, token } => r.lost(&claim(*node, 0, *token), "gone", now),
+                Action::FailRetryable => r.fail_retryable(r.attempt, "full", now),
+                Action::Retry => r.retry(now),
             };
             let Ok(next) = out else { continue };
-            prop_assert!(legal(before.state, next.state), "{:?} -> {:?} via {:?}", before.state, next.state, a);
+            prop_assert!(legal(before.state, next.state, before.retryable), "{:?} -> {:?} via {:?}", before.state, next.state, a);
             prop_assert!(next.attempt >= before.attempt, "attempt went backwards");
-            prop_assert!(next.attempt <= 4, "attempts capped by max_attempts");
+            prop_assert!(next.attempt <= before.attempt + 1, "attempts grow one at a time");
             prop_assert_eq!(next.state.has_claim(), next.claim.is_some(), "claim presence in {:?}", next.state);
             if next.state == State::Active { prop_assert!(next.active_at.is_some()); }
             prop_assert!(before.excluded.iter().all(|n| next.excluded.contains(n)), "exclusions are never lifted");

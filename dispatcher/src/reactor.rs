@@ -1,0 +1,279 @@
+//! Watches and reactions: the view follows KV; a queued record's hint is published by whoever
+//! sees it first (the `Nats-Msg-Id` dedupes the rest), so a re-queue by a node or a reap by
+//! another dispatcher gets its hint without anyone owning it; a node whose lease ends has its
+//! claims reaped at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Versioned;
+use bus::cluster::ClusterEvent;
+use bus::nodes::NodeEvent;
+use bus::records::RecordEvent;
+use futures::StreamExt;
+use placement::lifecycle::{RequestRecord, State, TransitionError};
+use placement::{Epoch, Lane, NodeId};
+
+use crate::metrics as m;
+use crate::service::Dispatcher;
+use crate::view::Applied;
+
+impl Dispatcher {
+    /// Follows the requests bucket.
+    pub async fn record_loop(self: Arc<Self>) {
+        loop {
+            let mut stream = match self.bus.records.watch_all().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch requests; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    ev = stream.next() => ev,
+                };
+                let Some(ev) = ev else { break };
+                match ev {
+                    RecordEvent::Put(v) => {
+                        let v = *v;
+                        let applied = self
+                            .view
+                            .write()
+                            .expect("view lock")
+                            .apply(v.clone(), common::clock::now());
+                        let _ = self.changes.send(Arc::new(v.clone()));
+                        self.react(&v, &applied).await;
+                    }
+                    RecordEvent::Removed(key) => self.view.write().expect("view lock").remove(&key),
+                    RecordEvent::Undecodable { key, error } => {
+                        metrics::counter!(m::HOSTILE, "kind" => "record").increment(1);
+                        tracing::warn!(key, error, "ignoring an undecodable request record");
+                    }
+                    RecordEvent::Caught => {
+                        let mut view = self.view.write().expect("view lock");
+                        if !view.caught_up {
+                            view.caught_up = true;
+                            tracing::info!(open = view.open().count(), "request view caught up");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn react(&self, v: &Versioned<RequestRecord>, applied: &Applied) {
+        let r = &v.value;
+        let first_sight_of_attempt =
+            applied.before != Some(State::Queued) || applied.before_attempt != Some(r.attempt);
+        if r.state == State::Queued {
+            let hinted = self
+                .hinted
+                .lock()
+                .expect("hinted lock")
+                .contains(&(r.spec.id.clone(), r.attempt));
+            if !hinted {
+                let now = common::clock::now();
+                if let Err(e) = self.publish_hint(r, Lane::Fit, now).await {
+                    tracing::warn!(request.id = %r.spec.id, error = %e, "hint not published; the sweep retries");
+                }
+                if r.spilled {
+                    let _ = self.publish_hint(r, Lane::Spill, now).await;
+                }
+                if r.attempt > 1 && first_sight_of_attempt {
+                    self.schedule(r, now).await;
+                }
+            }
+            return;
+        }
+        if applied.before_spilled {
+            // nobody takes a spilled hint of a request that left the queue: remove it
+            if let Err(e) = self
+                .bus
+                .hints
+                .purge(&r.shard, Lane::Spill, &r.spec.id)
+                .await
+            {
+                tracing::debug!(request.id = %r.spec.id, error = %e, "spilled hint not purged; it expires with the stream's max age");
+            }
+        }
+        {
+            let mut hinted = self.hinted.lock().expect("hinted lock");
+            hinted.remove(&(r.spec.id.clone(), r.attempt));
+            if let Some(a) = applied.before_attempt {
+                hinted.remove(&(r.spec.id.clone(), a));
+            }
+        }
+        if !self.view().caught_up || applied.before == Some(r.state) {
+            return;
+        }
+        match r.state {
+            State::Claimed => {
+                if let Some(c) = &r.claim {
+                    metrics::histogram!(m::TO_CLAIM).record(c.at.since(r.queued_at).as_secs_f64());
+                }
+            }
+            State::Active => {
+                if let Some(at) = r.active_at {
+                    metrics::histogram!(m::TO_ACTIVE).record(at.since(r.queued_at).as_secs_f64());
+                }
+                metrics::histogram!(m::ATTEMPTS).record(f64::from(r.attempt));
+                metrics::counter!(m::OUTCOMES, "state" => "active").increment(1);
+            }
+            State::Failed | State::HostDown | State::Deleted => {
+                metrics::counter!(m::OUTCOMES, "state" => r.state.as_str()).increment(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// Follows node adverts; a node whose lease ended has its claims reaped.
+    pub async fn node_loop(self: Arc<Self>) {
+        loop {
+            let mut stream = match self.bus.nodes.watch_all().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch nodes; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    ev = stream.next() => ev,
+                };
+                let Some(ev) = ev else { break };
+                match ev {
+                    NodeEvent::Put(a) => {
+                        let a = a.value;
+                        let prev = self
+                            .view
+                            .write()
+                            .expect("view lock")
+                            .adverts
+                            .insert(a.node.clone(), a.clone());
+                        match prev {
+                            None => {
+                                tracing::info!(node.id = %a.node, epoch = %a.epoch, zone = %a.zone, "node joined")
+                            }
+                            Some(p) if p.epoch != a.epoch => {
+                                tracing::info!(node.id = %a.node, old = %p.epoch, new = %a.epoch, "node started a new epoch")
+                            }
+                            _ => {}
+                        }
+                    }
+                    NodeEvent::Gone(key) => {
+                        let Ok(node) = NodeId::new(key.as_str()) else {
+                            continue;
+                        };
+                        self.view.write().expect("view lock").adverts.remove(&node);
+                        tracing::warn!(node.id = %node, "node lease ended; reaping its claims");
+                        let me = self.clone();
+                        self.tasks
+                            .spawn(async move { me.reap_node(&node, None).await });
+                    }
+                    NodeEvent::Undecodable { key, error } => {
+                        metrics::counter!(m::HOSTILE, "kind" => "advert").increment(1);
+                        tracing::warn!(key, error, "ignoring an undecodable advert");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps every open claim `node` holds under an epoch other than `live` (`None`: the
+    /// node is gone). Claimed and building requests are re-queued; active ones become
+    /// `host_down`. Returns how many records changed.
+    pub async fn reap_node(&self, node: &NodeId, live: Option<Epoch>) -> usize {
+        let ids = self.view().claims_of(node);
+        let max = self.cluster().max_attempts;
+        let mut n = 0;
+        for id in ids {
+            let now = common::clock::now();
+            let res = self
+                .bus
+                .records
+                .update(&id, |r| match &r.claim {
+                    Some(c) if &c.node == node && r.state != State::Deleting => {
+                        r.reap(live, max, now)
+                    }
+                    _ => Err(TransitionError::NotStale),
+                })
+                .await;
+            if let Ok(v) = res {
+                n += 1;
+                let kind = match v.value.state {
+                    State::Queued => "requeued",
+                    State::HostDown => "host_down",
+                    _ => "failed",
+                };
+                metrics::counter!(m::REAPED, "kind" => kind).increment(1);
+                tracing::warn!(request.id = %id, node.id = %node, kind, "claim reaped");
+            }
+        }
+        n
+    }
+
+    /// Follows the cluster config (the shard map can grow) and the backlog flags.
+    pub async fn cluster_loop(self: Arc<Self>) {
+        loop {
+            let mut stream = match self.bus.cluster.watch().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch cluster config; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    ev = stream.next() => ev,
+                };
+                let Some(ev) = ev else { break };
+                match ev {
+                    ClusterEvent::Config(c) => {
+                        let changed = self.cluster.read().expect("cluster lock").shard_map.version
+                            != c.shard_map.version;
+                        if changed && c.shard_map.validate().is_ok() {
+                            tracing::info!(
+                                version = c.shard_map.version,
+                                "shard map changed; creating its shards"
+                            );
+                            if let Err(e) = self
+                                .bus
+                                .ensure_shards(&c.shard_map, &self.cfg.topology)
+                                .await
+                            {
+                                tracing::error!(error = %e, "cannot create the new shards");
+                            }
+                            *self.cluster.write().expect("cluster lock") = *c;
+                        }
+                    }
+                    ClusterEvent::Flag(f) => {
+                        self.flags
+                            .lock()
+                            .expect("flags lock")
+                            .insert(f.class.clone(), f);
+                    }
+                    ClusterEvent::FlagCleared(key) => {
+                        self.flags
+                            .lock()
+                            .expect("flags lock")
+                            .retain(|k, _| placement::subjects::backlog_key(k) != key);
+                    }
+                    ClusterEvent::Demand(_) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Time has an owner (DESIGN.md): durable timers fire spill-over and the final deadline; a
+//! periodic sweep catches whatever a crash left undone (a missing hint, a missed timer, a claim
+//! of a dead or restarted node, a delete command never sent) and keeps one backlog flag per
+//! class.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Versioned;
+use futures::StreamExt;
+use placement::explain::explain;
+use placement::lifecycle::{RequestRecord, State, TransitionError};
+use placement::shard::ClassKey;
+use placement::wire::{
+    BacklogFlag, ClassDemand, CommandKind, DemandEntry, NodeCommand, TimerKind, WIRE_VERSION,
+};
+use placement::{Lane, RequestId, Timestamp};
+
+use crate::metrics as m;
+use crate::service::Dispatcher;
+
+/// A flag is re-written this often while its class stays backed up.
+const FLAG_REFRESH: Duration = Duration::from_secs(10);
+/// Demand is re-written at least this often (and sooner when it changes).
+const DEMAND_REFRESH: Duration = Duration::from_secs(30);
+
+/// Two demand snapshots are alike when they name the same classes at rates within 20%.
+fn similar(a: &[DemandEntry], b: &[DemandEntry]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.tclass == y.tclass
+                && x.size == y.size
+                && (x.per_min - y.per_min).abs() <= 0.2 * x.per_min.max(y.per_min)
+        })
+}
+
+/// A delete command is re-sent when the record has been `deleting` this long.
+const COMMAND_RESEND: Duration = Duration::from_secs(30);
+
+impl Dispatcher {
+    /// Consumes timer fires from the shared consumer (each fire goes to one dispatcher).
+    pub async fn timer_loop(self: Arc<Self>) {
+        loop {
+            let messages = match self.bus.timers.consumer().await {
+                Ok(c) => c.messages().await,
+                Err(e) => Err(async_nats::jetstream::consumer::StreamError::with_source(
+                    async_nats::jetstream::consumer::StreamErrorKind::Other,
+                    e,
+                )),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume timers; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                let Ok(msg) = msg else { continue };
+                let timer = match bus::timers::decode_fire(&msg.payload) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        metrics::counter!(m::HOSTILE, "kind" => "timer").increment(1);
+                        tracing::warn!(error = %e, "dropping an undecodable timer");
+                        let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
+                        continue;
+                    }
+                };
+                let outcome = self.on_timer(&timer.id, timer.attempt, timer.kind).await;
+                metrics::counter!(m::TIMERS, "kind" => timer.kind.as_str(), "outcome" => outcome)
+                    .increment(1);
+                if outcome == "retry" {
+                    let _ = msg
+                        .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                            Duration::from_secs(1),
+                        )))
+                        .await;
+                } else {
+                    let _ = msg.ack().await;
+                }
+            }
+        }
+    }
+
+    async fn on_timer(&self, id: &RequestId, attempt: u32, kind: TimerKind) -> &'static str {
+        let current = match self.bus.records.get(id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return "stale",
+            Err(_) => return "retry",
+        };
+        if current.value.state != State::Queued || current.value.attempt != attempt {
+            return "stale";
+        }
+        match kind {
+            TimerKind::Spill if !current.value.spilled => self.spill(current).await,
+            TimerKind::Spill => "stale",
+            TimerKind::Deadline => self.fail_deadline(current).await,
+        }
+    }
+
+    /// Publishes the spill-lane hint, marks the record, raises the class's backlog flag.
+    async fn spill(&self, current: Versioned<RequestRecord>) -> &'static str {
+        let now = common::clock::now();
+        let r = &current.value;
+        if self.publish_hint(r, Lane::Spill, now).await.is_err() {
+            return "retry";
+        }
+        let attempt = r.attempt;
+        self.raise_flag(r.shard.class(), r.queued_at, now).await;
+        match self
+            .bus
+            .records
+            .update_from(&r.spec.id.clone(), Some(current), |r| {
+                r.mark_spilled(attempt, now)
+            })
+            .await
+        {
+            Ok(_) => "spilled",
+            Err(bus::records::UpdateError::Transition(_)) => "stale",
+            Err(_) => "retry",
+        }
+    }
+
+    /// Answers a queued request past its deadline: failed, with a Nomad-style explanation.
+    async fn fail_deadline(&self, current: Versioned<RequestRecord>) -> &'static str {
+        let now = common::clock::now();
+        if now < current.value.deadline_at {
+            return "early";
+        }
+        let reason = {
+            let adverts: Vec<_> = self.view().adverts.values().cloned().collect();
+            let r = &current.value;
+            let e = explain(&r.spec, &adverts, &r.excluded);
+            format!(
+                "no node took it within {}s: {}",
+                r.spec.deadline_s, e.summary
+            )
+        };
+        let id = current.value.spec.id.clone();
+        match self
+            .bus
+            .records
+            .update_from(&id, Some(current), |r| r.expire(&reason, now))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(request.id = %id, reason, "request failed at its deadline");
+                "failed"
+            }
+            Err(bus::records::UpdateError::Transition(_)) => "stale",
+            Err(_) => "retry",
+        }
+    }
+
+    async fn raise_flag(&self, class: ClassKey, since: Timestamp, now: Timestamp) {
+        let due = {
+            let flags = self.flags.lock().expect("flags lock");
+            flags
+                .get(&class)
+                .is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH)
+        };
+        if !due {
+            return;
+        }
+        let q = self.view().queued_by_class().get(&class).cloned();
+        let (depth, oldest, smallest) = q.map(|q| (q.count, q.oldest, q.smallest)).unwrap_or((
+            1,
+            since,
+            placement::Resources::default(),
+        ));
+        let flag = BacklogFlag {
+            v: WIRE_VERSION,
+            class: class.clone(),
+            since: oldest.min(since),
+            oldest_age_ms: now.since(oldest).as_millis().try_into().unwrap_or(u64::MAX),
+            depth,
+            smallest,
+            updated_at: now,
+        };
+        if self.bus.cluster.put_flag(&flag).await.is_ok() {
+            self.flags.lock().expect("flags lock").insert(class, flag);
+        }
+    }
+
+    /// Sweeps every `sweep_interval`.
+    pub async fn sweep_loop(self: Arc<Self>) {
+        let mut checked: HashMap<RequestId, Timestamp> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.sweep_interval) => {}
+            }
+            if !self.view().caught_up || !self.conn.is_connected() {
+                continue;
+            }
+            self.sweep(&mut checked).await;
+        }
+    }
+
+    /// One pass over every open request, then the flags and gauges.
+    pub async fn sweep(&self, checked: &mut HashMap<RequestId, Timestamp>) {
+        let now = common::clock::now();
+        let open: Vec<Versioned<RequestRecord>> = self.view().open().cloned().collect();
+        let spill_after = |size: u8| {
+            self.cluster
+                .read()
+                .expect("cluster lock")
+                .shard_map
+                .spill_after(size)
+        };
+        checked.retain(|id, _| {
+            open.iter()
+                .any(|v| &v.value.spec.id == id && v.value.state == State::Queued)
+        });
+        for v in open {
+            let r = &v.value;
+            match r.state {
+                State::Queued => {
+                    if now >= r.deadline_at {
+                        let fresh = self.bus.records.get(&r.spec.id).await.ok().flatten();
+                        if let Some(f) = fresh.filter(|f| f.value.state == State::Queued) {
+                            let out = self.fail_deadline(f).await;
+                            metrics::counter!(m::SWEEP, "action" => "deadline")
+                                .increment(u64::from(out == "failed"));
+                        }
+                    } else if !r.spilled && now >= r.queued_at.plus(spill_after(r.shard.size)) {
+                        let out = self.spill(v.clone()).await;
+                        metrics::counter!(m::SWEEP, "action" => "spill")
+                            .increment(u64::from(out == "spilled"));
+                    } else if now.since(r.queued_at) >= self.cfg.hint_check_after
+                        && checked
+                            .get(&r.spec.id)
+                            .is_none_or(|t| now.since(*t) >= self.cfg.hint_check_after)
+                    {
+                        checked.insert(r.spec.id.clone(), now);
+                        if let Ok(false) =
+                            self.bus.hints.exists(&r.shard, Lane::Fit, &r.spec.id).await
+                        {
+                            tracing::warn!(request.id = %r.spec.id, "queued request had no hint; re-published");
+                            metrics::counter!(m::SWEEP, "action" => "rehint").increment(1);
+                            let _ = self.publish_hint(r, Lane::Fit, now).await;
+                        }
+                    }
+                }
+                State::Deleting => {
+                    if now.since(r.updated_at) >= COMMAND_RESEND
+                        && let Some(node) = r.node()
+                    {
+                        let cmd = NodeCommand {
+                            v: WIRE_VERSION,
+                            kind: CommandKind::Delete,
+                            request: r.spec.id.clone(),
+                            issued_at: now,
+                        };
+                        if self.bus.commands.send(node, &cmd).await.is_ok() {
+                            metrics::counter!(m::SWEEP, "action" => "resend_delete").increment(1);
+                        }
+                    }
+                }
+                State::Claimed | State::Building | State::Active => self.maybe_reap(r, now).await,
+                _ => {}
+            }
+        }
+        self.sweep_flags(now).await;
+        self.publish_demand(now).await;
+        self.gauges(now);
+    }
+
+    async fn maybe_reap(&self, r: &RequestRecord, now: Timestamp) {
+        let Some(claim) = &r.claim else { return };
+        let advert = self
+            .view()
+            .adverts
+            .get(&claim.node)
+            .map(|a| (a.epoch, a.started_at));
+        let live = match advert {
+            None => None,
+            Some((epoch, started))
+                if epoch > claim.epoch && now.since(started) >= self.cfg.reap_grace =>
+            {
+                Some(epoch)
+            }
+            Some(_) => return,
+        };
+        let max = self.cluster().max_attempts;
+        let c = claim.clone();
+        let res = self
+            .bus
+            .records
+            .update(&r.spec.id, |cur| match &cur.claim {
+                Some(cc) if cc.same(&c) => cur.reap(live, max, now),
+                _ => Err(TransitionError::NotStale),
+            })
+            .await;
+        if res.is_ok() {
+            metrics::counter!(m::SWEEP, "action" => "reap").increment(1);
+            tracing::warn!(request.id = %r.spec.id, node.id = %claim.node, "stale claim reaped by the sweep");
+        }
+    }
+
+    async fn sweep_flags(&self, now: Timestamp) {
+        let queued = self.view().queued_by_class();
+        let mut backed_up = Vec::new();
+        for (class, q) in &queued {
+            let after = self
+                .cluster
+                .read()
+                .expect("cluster lock")
+                .shard_map
+                .spill_after(class.size);
+            if now.since(q.oldest) >= after {
+                backed_up.push((class.clone(), q.oldest));
+            }
+        }
+        for (class, oldest) in &backed_up {
+            self.raise_flag(class.clone(), *oldest, now).await;
+        }
+        let stale: Vec<ClassKey> = self
+            .flags
+            .lock()
+            .expect("flags lock")
+            .keys()
+            .filter(|k| !backed_up.iter().any(|(c, _)| c == *k))
+            .cloned()
+            .collect();
+        for class in stale {
+            if self.bus.cluster.clear_flag(&class).await.is_ok() {
+                self.flags.lock().expect("flags lock").remove(&class);
+            }
+        }
+    }
+
+    /// Writes each zone's class demand, so nodes spend credit on classes that are asked for.
+    async fn publish_demand(&self, now: Timestamp) {
+        let demand = self.view().demand(now);
+        let zones = self.cluster().shard_map.zones;
+        for zone in zones {
+            let rates: Vec<DemandEntry> = demand
+                .iter()
+                .filter(|(k, _)| k.zone == zone)
+                .map(|(k, r)| DemandEntry {
+                    tclass: k.tclass.clone(),
+                    size: k.size,
+                    per_min: (r * 100.0).round() / 100.0,
+                })
+                .collect();
+            let due = {
+                let last = self.demand_sent.lock().expect("demand lock");
+                match last.get(&zone) {
+                    Some((at, prev)) => now.since(*at) >= DEMAND_REFRESH || !similar(prev, &rates),
+                    None => !rates.is_empty(),
+                }
+            };
+            if !due {
+                continue;
+            }
+            let d = ClassDemand {
+                v: WIRE_VERSION,
+                zone: zone.clone(),
+                rates: rates.clone(),
+                updated_at: now,
+            };
+            if self.bus.cluster.put_demand(&d).await.is_ok() {
+                self.demand_sent
+                    .lock()
+                    .expect("demand lock")
+                    .insert(zone, (now, rates));
+            }
+        }
+    }
+
+    fn gauges(&self, now: Timestamp) {
+        let view = self.view();
+        for (class, q) in view.queued_by_class() {
+            let label = class.to_string();
+            metrics::gauge!(m::QUEUE_DEPTH, "class" => label.clone()).set(q.count as f64);
+            metrics::gauge!(m::QUEUE_OLDEST, "class" => label)
+                .set(now.since(q.oldest).as_secs_f64());
+        }
+        for (state, n) in view.counts() {
+            metrics::gauge!(m::OPEN, "state" => state.as_str()).set(n as f64);
+        }
+        let mut by_state: HashMap<&'static str, usize> = HashMap::new();
+        let mut unalloc = placement::Resources::default();
+        for a in view.adverts.values() {
+            *by_state.entry(a.state.as_str()).or_insert(0) += 1;
+            unalloc = unalloc.checked_add(&a.unallocated).unwrap_or(unalloc);
+        }
+        for (state, n) in by_state {
+            metrics::gauge!(m::NODES, "state" => state).set(n as f64);
+        }
+        for (dim, v) in unalloc.dims() {
+            metrics::gauge!(m::CLUSTER_UNALLOCATED, "resource" => dim.as_str().to_string())
+                .set(v as f64);
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The agent's shared state and its pull machinery: plan pulls under credit, issue them,
+//! route what comes back. Claims, builds, the lease, commands and reconcile live in their own
+//! modules as `impl Agent` blocks over the same state.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bus::puller::{PullEnd, PullEvent, PullSpec, Puller};
+use bus::{Bus, ConnState};
+use placement::ledger::{NodeLedger, PullId};
+use placement::lifecycle::Claim;
+use placement::pull::{NodeProfile, PlanInput, plan_pulls};
+use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
+use placement::{Epoch, Lane, RequestId, ShardId, ShardMap, Timestamp};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::driver::Driver;
+use crate::identity::Identity;
+use crate::metrics as m;
+use crate::mode::Mode;
+
+/// Where a request this node holds is in its life on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Claimed, build not started.
+    Claimed,
+    /// The driver is building it.
+    Building,
+    /// Running.
+    Active,
+    /// Being destroyed.
+    Deleting,
+}
+
+/// A request this node holds, and the claim it holds it under.
+#[derive(Debug, Clone)]
+pub struct Owned {
+    /// The claim as last written (the epoch changes when re-confirmed after a fence).
+    pub claim: Claim,
+    /// Phase.
+    pub phase: Phase,
+}
+
+/// Mutable state, behind one lock that is never held across an await.
+pub struct Inner {
+    /// The ledger.
+    pub ledger: NodeLedger,
+    /// Current boot epoch.
+    pub epoch: Epoch,
+    /// State facts.
+    pub mode: Mode,
+    /// Shard map in force.
+    pub map: ShardMap,
+    /// Attempts before a request fails (cluster config).
+    pub max_attempts: u32,
+    /// Backlog flags by key.
+    pub flags: BTreeMap<String, BacklogFlag>,
+    /// Recent demand per class in this node's zone.
+    pub demand: Vec<placement::wire::DemandEntry>,
+    /// Outstanding pulls: shard, lane and the priority they were issued with.
+    pub pulls: BTreeMap<PullId, (ShardId, Lane, u8)>,
+    /// Next pull id.
+    pub next_pull: u64,
+    /// Requests held, by id.
+    pub owned: BTreeMap<RequestId, Owned>,
+    /// Revision of our advert (the lease).
+    pub lease_rev: u64,
+    /// Last successful renewal.
+    pub last_renewal: tokio::time::Instant,
+    /// Build failures in a row.
+    pub consecutive_failures: u32,
+    /// Randomness (claim tokens, random policy), seeded per node.
+    pub rng: ChaCha8Rng,
+}
+
+/// The running agent.
+pub struct Agent {
+    /// Settings.
+    pub cfg: Config,
+    /// Identity.
+    pub identity: Identity,
+    /// Zone and traits.
+    pub profile: NodeProfile,
+    /// NATS.
+    pub bus: Bus,
+    /// Pulls.
+    pub puller: Puller,
+    /// Hypervisor.
+    pub driver: Arc<dyn Driver>,
+    /// Connection state.
+    pub conn: ConnState,
+    /// Mutable state.
+    pub inner: Mutex<Inner>,
+    /// Wakes the pull planner.
+    pub replan: Notify,
+    /// Stops every task.
+    pub cancel: CancellationToken,
+    /// Tracks every task.
+    pub tasks: TaskTracker,
+    /// When this process started.
+    pub started_at: Timestamp,
+}
+
+impl Agent {
+    /// Locks the state (never across an await).
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("agent state lock")
+    }
+
+    /// The current claim of a held request.
+    pub fn claim_of(&self, id: &RequestId) -> Option<Claim> {
+        self.lock().owned.get(id).map(|o| o.claim.clone())
+    }
+
+    /// Builds the advert from the current state.
+    pub fn advert(&self, inner: &Inner, now: Timestamp) -> NodeAdvert {
+        let l = &inner.ledger;
+        NodeAdvert {
+            v: WIRE_VERSION,
+            node: self.identity.node.clone(),
+            epoch: inner.epoch,
+            zone: self.profile.zone.clone(),
+            traits: self.profile.traits.clone(),
+            totals: l.totals().clone(),
+            reserved: l.reserved().clone(),
+            ratios: *l.ratios(),
+            capacity: l.capacity().clone(),
+            unallocated: l.unallocated(),
+            vms: u32::try_from(l.len()).unwrap_or(u32::MAX),
+            state: inner.mode.state(),
+            state_reason: inner.mode.reason(),
+            overcommitted: inner.mode.overcommitted,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            driver: self.driver.kind().to_string(),
+            started_at: self.started_at,
+            heartbeat_at: now,
+            public_key: Some(self.identity.public_key()),
+        }
+    }
+
+    /// Publishes gauges of the ledger.
+    pub fn gauges(&self, inner: &Inner) {
+        let l = &inner.ledger;
+        let spare = l.unallocated();
+        for (dim, v) in spare.dims() {
+            metrics::gauge!(m::SPARE, "resource" => dim.as_str().to_string()).set(v as f64);
+        }
+        for (dim, v) in l.capacity().dims() {
+            metrics::gauge!(m::CAPACITY, "resource" => dim.as_str().to_string()).set(v as f64);
+        }
+        metrics::gauge!(m::VMS).set(l.len() as f64);
+        metrics::gauge!(m::PULLS_OUTSTANDING).set(inner.pulls.len() as f64);
+        let building = inner
+            .owned
+            .values()
+            .filter(|o| matches!(o.phase, Phase::Claimed | Phase::Building))
+            .count();
+        metrics::gauge!(m::IN_FLIGHT).set(building as f64);
+    }
+
+    /// Stops pulling: every outstanding pull cancelled, every credit back (a message already
+    /// in flight still arrives and is handed back).
+    pub fn stop_pulling(&self, inner: &mut Inner) {
+        for id in inner.ledger.return_all_credit() {
+            self.puller.cancel(id);
+        }
+        for id in std::mem::take(&mut inner.pulls).into_keys() {
+            self.puller.cancel(id);
+        }
+    }
+
+    /// Re-plans the node's pulls: computes the set it should have now (from scratch, as if no
+    /// credit were held), keeps the outstanding pulls that are in it with the same priority,
+    /// cancels the rest and issues what is missing.
+    pub async fn plan_and_issue(&self) {
+        let specs: Vec<PullSpec> = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if !inner.mode.takes_work() {
+                if !inner.pulls.is_empty() {
+                    self.stop_pulling(inner);
+                }
+                return;
+            }
+            let flags: Vec<BacklogFlag> = inner.flags.values().cloned().collect();
+            let mut scratch = inner.ledger.clone();
+            scratch.return_all_credit();
+            let input = PlanInput {
+                node: &self.profile,
+                map: &inner.map,
+                ledger: &scratch,
+                outstanding: &[],
+                backlog: &flags,
+                demand: &inner.demand,
+                cfg: &self.cfg.pull,
+                now: common::clock::now(),
+            };
+            let mut desired = plan_pulls(&input, &mut inner.rng).pulls;
+            let mut cancel = Vec::new();
+            for (id, (shard, lane, priority)) in &inner.pulls {
+                match desired
+                    .iter()
+                    .position(|d| &d.shard == shard && d.lane == *lane && d.priority == *priority)
+                {
+                    Some(i) => {
+                        desired.remove(i);
+                    }
+                    None => cancel.push(*id),
+                }
+            }
+            for id in cancel {
+                inner.pulls.remove(&id);
+                inner.ledger.return_credit(id);
+                self.puller.cancel(id);
+            }
+            let mut specs = Vec::with_capacity(desired.len());
+            for intent in desired {
+                inner.next_pull += 1;
+                let id = PullId(inner.next_pull);
+                if inner.ledger.take_credit(id, &intent.credit).is_err() {
+                    continue; // a late delivery took some spare meanwhile; the next plan adjusts
+                }
+                inner
+                    .pulls
+                    .insert(id, (intent.shard.clone(), intent.lane, intent.priority));
+                specs.push(PullSpec {
+                    pull: id,
+                    shard: intent.shard,
+                    lane: intent.lane,
+                    priority: intent.priority,
+                    expiry: self.cfg.pull.expiry,
+                });
+            }
+            specs
+        };
+        for spec in specs {
+            match self.puller.issue(&spec).await {
+                Ok(()) => {
+                    metrics::counter!(m::PULLS_ISSUED, "lane" => spec.lane.as_str()).increment(1)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, shard = %spec.shard, "pull not issued");
+                    let mut inner = self.lock();
+                    inner.pulls.remove(&spec.pull);
+                    inner.ledger.return_credit(spec.pull);
+                }
+            }
+        }
+    }
+
+    /// Re-plans when woken and at least every second (expired pulls, changed flags).
+    pub async fn pull_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.replan.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            self.plan_and_issue().await;
+        }
+    }
+
+    /// Routes pull events: ended pulls return their credit, deliveries are handled.
+    pub async fn event_loop(self: Arc<Self>, mut events: mpsc::Receiver<PullEvent>) {
+        loop {
+            let ev = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                ev = events.recv() => match ev { Some(ev) => ev, None => return },
+            };
+            match ev {
+                PullEvent::Ended { pull, why } => {
+                    let label = match &why {
+                        PullEnd::Expired => "expired",
+                        PullEnd::Refused { .. } => "refused",
+                        PullEnd::Lost => "lost",
+                    };
+                    if let PullEnd::Refused { code, description } = &why {
+                        tracing::debug!(code, description, "pull refused by the server");
+                    }
+                    metrics::counter!(m::PULLS_ENDED, "why" => label).increment(1);
+                    {
+                        let mut inner = self.lock();
+                        inner.pulls.remove(&pull);
+                        inner.ledger.return_credit(pull);
+                    }
+                    self.replan.notify_one();
+                }
+                PullEvent::Delivered { pull, delivery } => {
+                    if let Some(p) = pull {
+                        self.lock().pulls.remove(&p);
+                    }
+                    let me = self.clone();
+                    self.tasks
+                        .spawn(async move { me.handle_delivery(pull, *delivery).await });
+                }
+            }
+        }
+    }
+
+    /// Follows the connection: no pulls or claims while disconnected.
+    pub async fn conn_loop(self: Arc<Self>) {
+        let mut conn = self.conn.clone();
+        loop {
+            let up = conn.is_connected();
+            self.lock().mode.connected = up;
+            if up {
+                self.replan.notify_one();
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                alive = conn.changed() => if !alive { return },
+            }
+        }
+    }
+}

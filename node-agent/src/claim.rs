@@ -1,0 +1,244 @@
+//! The claim path: a delivered hint becomes a claim, or goes back, or goes away.
+//!
+//! The node reserves in its ledger under the lock with no await between fit check and reserve,
+//! compare-and-swaps the record to `claimed`, then acks. After an error whose outcome is
+//! unknown it re-reads the record from the stream leader and looks for its own token before
+//! deciding it lost (DESIGN.md "Claim").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Versioned;
+use bus::puller::Delivery;
+use bus::records::UpdateError;
+use placement::checks::Rejection;
+use placement::ledger::PullId;
+use placement::lifecycle::{Claim, RequestRecord};
+use placement::request::GroupPolicy;
+use placement::wire::{GroupPin, Hint, WIRE_VERSION, decode};
+use placement::{ClaimToken, RequestId};
+use tracing::Instrument;
+
+use crate::agent::{Agent, Owned, Phase};
+use crate::decide::{Verdict, judge};
+use crate::metrics as m;
+
+impl Agent {
+    fn give_back_credit(&self, pull: Option<PullId>) {
+        if let Some(p) = pull {
+            self.lock().ledger.return_credit(p);
+        }
+        self.replan.notify_one();
+    }
+
+    async fn hand_back(&self, d: &Delivery, pull: Option<PullId>, why: Rejection) {
+        metrics::counter!(m::REJECTIONS, "reason" => why.as_str()).increment(1);
+        metrics::counter!(m::DELIVERIES, "outcome" => "handed_back").increment(1);
+        let delay = if why == Rejection::NotTakingWork {
+            Duration::ZERO
+        } else {
+            self.cfg.nak_delay
+        };
+        if let Err(e) = d.nak(delay).await {
+            tracing::debug!(error = %e, "nak failed; the message is redelivered after ack_wait");
+        }
+        self.give_back_credit(pull);
+    }
+
+    async fn drop_stale(&self, d: &Delivery, pull: Option<PullId>, outcome: &'static str) {
+        metrics::counter!(m::DELIVERIES, "outcome" => outcome).increment(1);
+        if let Err(e) = d.term().await {
+            tracing::debug!(error = %e, "term failed");
+        }
+        self.give_back_credit(pull);
+    }
+
+    /// Handles one delivered hint.
+    pub async fn handle_delivery(self: Arc<Self>, pull: Option<PullId>, d: Delivery) {
+        let hint: Hint = match decode(&d.payload) {
+            Ok(h) => h,
+            Err(e) => {
+                metrics::counter!(m::HOSTILE, "kind" => e.as_str()).increment(1);
+                tracing::warn!(error = %e, subject = %d.subject, "refusing malformed hint");
+                return self.drop_stale(&d, pull, "malformed").await;
+            }
+        };
+        if !d.subject.ends_with(&format!(".{}", hint.id)) {
+            metrics::counter!(m::HOSTILE, "kind" => "subject_mismatch").increment(1);
+            tracing::warn!(subject = %d.subject, request.id = %hint.id, "refusing hint published under another request's subject");
+            return self.drop_stale(&d, pull, "malformed").await;
+        }
+        let span = tracing::info_span!("claim", request.id = %hint.id, node.id = %self.identity.node, attempt = hint.attempt);
+        let me = self.clone();
+        async move { me.claim(pull, d, hint).await }
+            .instrument(span)
+            .await
+    }
+
+    async fn claim(self: Arc<Self>, pull: Option<PullId>, d: Delivery, hint: Hint) {
+        let started = tokio::time::Instant::now();
+        let current = match self.bus.records.get(&hint.id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return self.drop_stale(&d, pull, "stale").await,
+            Err(e @ bus::BusError::Decode { .. }) => {
+                metrics::counter!(m::HOSTILE, "kind" => "record").increment(1);
+                tracing::warn!(error = %e, "refusing hint for an undecodable record");
+                return self.drop_stale(&d, pull, "malformed").await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the record; handing back");
+                return self.hand_back(&d, pull, Rejection::NotTakingWork).await;
+            }
+        };
+        let takes_work = self.lock().mode.takes_work();
+        match judge(&hint, &current.value, &self.profile, takes_work) {
+            Verdict::Proceed => {}
+            Verdict::Stale => return self.drop_stale(&d, pull, "stale").await,
+            Verdict::HandBack(r) => return self.hand_back(&d, pull, r).await,
+        }
+        let spec = &current.value.spec;
+        if let Some(g) = spec
+            .group
+            .as_ref()
+            .filter(|g| g.policy == GroupPolicy::Affinity)
+        {
+            match self.bus.cluster.group(g.name.as_str()).await {
+                Ok(Some(pin)) if pin.node != self.identity.node => {
+                    return self.hand_back(&d, pull, Rejection::AffinityElsewhere).await;
+                }
+                Ok(_) => {}
+                Err(_) => return self.hand_back(&d, pull, Rejection::NotTakingWork).await,
+            }
+        }
+        // reserve and draw the claim under the lock, with no await in between
+        let claim = {
+            let mut inner = self.lock();
+            let res = match pull {
+                Some(p) => inner.ledger.reserve_from_pull(
+                    p,
+                    &spec.id,
+                    &spec.resources,
+                    spec.group.as_ref(),
+                ),
+                None => inner
+                    .ledger
+                    .reserve(&spec.id, &spec.resources, spec.group.as_ref()),
+            };
+            res.map(|_| {
+                let token = ClaimToken::random(&mut inner.rng);
+                Claim {
+                    node: self.identity.node.clone(),
+                    epoch: inner.epoch,
+                    token,
+                    at: common::clock::now(),
+                }
+            })
+        };
+        let claim = match claim {
+            Ok(c) => c,
+            Err(e) => return self.hand_back(&d, None, Rejection::from_ledger(&e)).await,
+        };
+        let id = spec.id.clone();
+        let attempt = hint.attempt;
+        let now = common::clock::now();
+        let outcome = self
+            .bus
+            .records
+            .update_from(&id, Some(current), |r| r.claim(attempt, claim.clone(), now))
+            .await;
+        let won = match outcome {
+            Ok(v) => Some(v),
+            Err(UpdateError::Transition(_)) | Err(UpdateError::Missing) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "claim outcome unknown; asking the leader");
+                self.resolve(&id, claim.token).await
+            }
+        };
+        let Some(won) = won else {
+            metrics::counter!(m::CLAIM_CONFLICTS).increment(1);
+            self.lock().ledger.release(&id);
+            return self.drop_stale(&d, None, "lost_race").await;
+        };
+        self.lock().owned.insert(
+            id.clone(),
+            Owned {
+                claim: claim.clone(),
+                phase: Phase::Claimed,
+            },
+        );
+        if let Err(e) = d.ack().await {
+            tracing::debug!(error = %e, "ack failed; a redelivery will find the record claimed");
+        }
+        metrics::counter!(m::DELIVERIES, "outcome" => "claimed").increment(1);
+        metrics::histogram!(m::CLAIM_DURATION).record(started.elapsed().as_secs_f64());
+        tracing::info!("claim won");
+        self.replan.notify_one();
+        if !self.pin_affinity(&won.value).await {
+            return;
+        }
+        let me = self.clone();
+        let span = tracing::info_span!("build", request.id = %id, node.id = %self.identity.node);
+        self.tasks
+            .spawn(async move { me.build(id, won).await }.instrument(span));
+    }
+
+    /// After an ambiguous write: reads the leader until it answers, and says whether the record
+    /// carries our claim. Never gives up while the process runs (releasing on doubt could leave
+    /// a request claimed by a live node that forgot it).
+    pub async fn resolve(
+        &self,
+        id: &RequestId,
+        token: ClaimToken,
+    ) -> Option<Versioned<RequestRecord>> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.bus.records.get_leader(id).await {
+                Ok(Some(v)) => {
+                    let ours = v
+                        .value
+                        .claim
+                        .as_ref()
+                        .is_some_and(|c| c.token == token && c.node == self.identity.node);
+                    return ours.then_some(v);
+                }
+                Ok(None) => return None,
+                Err(e) => tracing::debug!(error = %e, "leader read failed; retrying"),
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// For the first member of an affinity group, pins the group to this node. Returns false
+    /// (and gives the request back) when the group turned out to live elsewhere.
+    async fn pin_affinity(&self, record: &RequestRecord) -> bool {
+        let Some(g) = record
+            .spec
+            .group
+            .as_ref()
+            .filter(|g| g.policy == GroupPolicy::Affinity)
+        else {
+            return true;
+        };
+        let pin = GroupPin {
+            v: WIRE_VERSION,
+            node: self.identity.node.clone(),
+            at: common::clock::now(),
+        };
+        let elsewhere = match self.bus.cluster.pin_group(g.name.as_str(), &pin).await {
+            Ok(()) => None,
+            Err(_) => match self.bus.cluster.group(g.name.as_str()).await {
+                Ok(Some(p)) if p.node != self.identity.node => Some(p.node),
+                _ => None,
+            },
+        };
+        let Some(other) = elsewhere else { return true };
+        let id = record.spec.id.clone();
+        let reason = format!("affinity group {} lives on node {other}", g.name);
+        self.give_back(&id, &reason).await;
+        false
+    }
+}

@@ -1,0 +1,293 @@
+//! The node-agent's settings. Every key is documented here and mirrored, with its default, in
+//! deploy/config/node-agent.toml. Environment: `UPDRAFT_AGENT_<KEY>` (`__` for nesting).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bus::NatsConfig;
+use placement::pull::PullConfig;
+use placement::resources::AllocationRatios;
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix.
+pub const ENV_PREFIX: &str = "UPDRAFT_AGENT_";
+/// Default state directory (node id, epoch, keys, driver log).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/updraft/agent";
+/// Default heartbeat (lease renewal) period; keep it under a third of the lease TTL.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
+/// Default lease TTL assumed when renewals fail ambiguously (must match the topology's).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// Host capacity overrides; unset dimensions are discovered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Logical CPUs.
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Disk in GiB.
+    pub disk_gib: Option<u64>,
+    /// Extended resources (never discovered): `{ "gpu" = 2 }`.
+    pub extended: BTreeMap<String, u64>,
+}
+
+/// The host share kept back from VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReservedConfig {
+    /// vCPUs kept for the host.
+    pub vcpus: u32,
+    /// Memory kept for the host (MiB).
+    pub memory_mib: u64,
+    /// Disk kept for the host (GiB).
+    pub disk_gib: u64,
+}
+
+impl Default for ReservedConfig {
+    fn default() -> Self {
+        ReservedConfig {
+            vcpus: 0,
+            memory_mib: 512,
+            disk_gib: 0,
+        }
+    }
+}
+
+/// Which hypervisor driver provisions VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverKind {
+    /// In-memory VMs (tests, demos, the load bench).
+    #[default]
+    Memory,
+}
+
+/// The in-memory driver's behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryDriverConfig {
+    /// Time one build takes.
+    #[serde(with = "humantime_serde")]
+    pub build_time: Duration,
+    /// Extra random build time, uniform in [0, jitter].
+    #[serde(with = "humantime_serde")]
+    pub build_jitter: Duration,
+    /// Probability that a build fails.
+    pub failure_rate: f64,
+}
+
+impl Default for MemoryDriverConfig {
+    fn default() -> Self {
+        MemoryDriverConfig {
+            build_time: Duration::from_millis(50),
+            build_jitter: Duration::ZERO,
+            failure_rate: 0.0,
+        }
+    }
+}
+
+/// Driver settings.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriverConfig {
+    /// Which driver.
+    pub kind: DriverKind,
+    /// In-memory driver settings.
+    pub memory: MemoryDriverConfig,
+}
+
+/// Everything the node-agent reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Node id; by default the one persisted in `state_dir`, else derived from the hostname
+    /// plus a random suffix and persisted.
+    pub node_id: Option<String>,
+    /// Where the node keeps its identity, epoch, signing key and driver log.
+    pub state_dir: PathBuf,
+    /// Zone; by default the cluster's default zone.
+    pub zone: Option<String>,
+    /// Traits this node has (`ssd`, `gpu`).
+    pub traits: Vec<String>,
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Capacity overrides.
+    pub capacity: CapacityConfig,
+    /// Host reserve.
+    pub reserved: ReservedConfig,
+    /// Allocation ratios.
+    pub ratios: AllocationRatios,
+    /// Lease renewal period.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Lease TTL (the topology's); after this long without a successful renewal the node
+    /// fences itself.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Pulls: policy, order, limits, starvation guard.
+    pub pull: PullConfig,
+    /// Delay before a handed-back request is redelivered.
+    #[serde(with = "humantime_serde")]
+    pub nak_delay: Duration,
+    /// Consecutive build failures after which the node cordons itself.
+    pub max_build_failures: u32,
+    /// Reconcile period.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Time to finish in-flight builds on SIGTERM before handing them back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Serve Prometheus metrics here (`127.0.0.1:9101`); off when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Hypervisor driver.
+    pub driver: DriverConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            zone: None,
+            traits: Vec::new(),
+            nats: NatsConfig::default(),
+            capacity: CapacityConfig::default(),
+            reserved: ReservedConfig::default(),
+            ratios: AllocationRatios::default(),
+            heartbeat_interval: DEFAULT_HEARTBEAT,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            pull: PullConfig::default(),
+            nak_delay: Duration::from_millis(500),
+            max_build_failures: 3,
+            reconcile_interval: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            metrics_listen: None,
+            driver: DriverConfig::default(),
+        }
+    }
+}
+
+/// Settings that parse but cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// A name is malformed.
+    #[error("{key}: {message}")]
+    Name {
+        /// Key.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// Renewals too slow for the lease.
+    #[error("heartbeat_interval ({heartbeat:?}) must be at most a third of lease_ttl ({ttl:?})")]
+    Heartbeat {
+        /// Heartbeat.
+        heartbeat: Duration,
+        /// TTL.
+        ttl: Duration,
+    },
+    /// Ratios out of range.
+    #[error("ratios: {0}")]
+    Ratios(String),
+    /// Failure rate not a probability.
+    #[error("driver.memory.failure_rate must be between 0 and 1 (got {0})")]
+    FailureRate(f64),
+    /// Pull settings out of range.
+    #[error("pull: {0}")]
+    Pull(String),
+}
+
+impl Config {
+    /// Checks values that parse but cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.node_id {
+            placement::NodeId::new(id.as_str()).map_err(|e| ConfigError::Name {
+                key: "node_id",
+                message: e.to_string(),
+            })?;
+        }
+        if let Some(z) = &self.zone {
+            placement::Zone::new(z.as_str()).map_err(|e| ConfigError::Name {
+                key: "zone",
+                message: e.to_string(),
+            })?;
+        }
+        for t in &self.traits {
+            placement::TraitName::new(t.as_str()).map_err(|e| ConfigError::Name {
+                key: "traits",
+                message: format!("`{t}`: {e}"),
+            })?;
+        }
+        for name in self.capacity.extended.keys() {
+            placement::ids::ResourceName::new(name.as_str()).map_err(|e| ConfigError::Name {
+                key: "capacity.extended",
+                message: format!("`{name}`: {e}"),
+            })?;
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_ttl {
+            return Err(ConfigError::Heartbeat {
+                heartbeat: self.heartbeat_interval,
+                ttl: self.lease_ttl,
+            });
+        }
+        self.ratios
+            .validate()
+            .map_err(|e| ConfigError::Ratios(e.to_string()))?;
+        let f = self.driver.memory.failure_rate;
+        if !(0.0..=1.0).contains(&f) {
+            return Err(ConfigError::FailureRate(f));
+        }
+        if self.pull.max_pulls == 0 || self.pull.expiry < Duration::from_millis(100) {
+            return Err(ConfigError::Pull(
+                "max_pulls must be at least 1 and expiry at least 100ms".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.pull.guard.share) {
+            return Err(ConfigError::Pull(format!(
+                "guard.share must be between 0 and 1 (got {})",
+                self.pull.guard.share
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = Config {
+            node_id: Some("Bad Id".into()),
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("node_id:")
+        );
+        let c = Config {
+            heartbeat_interval: Duration::from_secs(10),
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::Heartbeat { .. })));
+        let mut c = Config::default();
+        c.driver.memory.failure_rate = 2.0;
+        assert_eq!(c.validate(), Err(ConfigError::FailureRate(2.0)));
+        let c = Config {
+            traits: vec!["GPU".into()],
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().starts_with("traits:"));
+    }
+}

@@ -1,0 +1,235 @@
+//! Reconcile the ledger with what the hypervisor really runs, on start and on a timer.
+//!
+//! | found | record says | action |
+//! |---|---|---|
+//! | domain with a request id, not in the ledger | claimed by this node | adopt (re-confirm the epoch; finish a build or delete it interrupted) |
+//! | domain with a request id, not in the ledger | anything else | destroy: an updraft domain nobody holds |
+//! | ledger entry, no domain, build in progress | — | nothing: never free a build in progress |
+//! | ledger entry, no domain | active / deleting | free the capacity; the request is lost / deleted |
+//! | domain without a request id | — | count against capacity, never touch |
+//! | any | record unreadable | nothing: no destroy while KV is unreachable |
+//!
+//! Adopting onto a full ledger marks the node overcommitted, which cordons it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use placement::lifecycle::State;
+use placement::{RequestId, Resources};
+
+use crate::agent::{Agent, Owned, Phase};
+use crate::driver::DomainInfo;
+use crate::metrics as m;
+
+/// What one reconcile pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Domains adopted into the ledger.
+    pub adopted: usize,
+    /// Updraft domains destroyed because no record backs them.
+    pub destroyed: usize,
+    /// Ledger entries whose VM vanished.
+    pub vanished: usize,
+    /// Foreign domains counted.
+    pub foreign: usize,
+}
+
+impl Agent {
+    /// Reconciles every `reconcile_interval`, and reacts to hypervisor outages.
+    pub async fn reconcile_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.reconcile_interval) => {}
+            }
+            let _ = self.reconcile().await;
+        }
+    }
+
+    /// One pass.
+    pub async fn reconcile(&self) -> Report {
+        let mut report = Report::default();
+        let domains = match self.driver.list().await {
+            Ok(d) => {
+                let mut inner = self.lock();
+                if inner
+                    .mode
+                    .unhealthy
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("hypervisor"))
+                {
+                    tracing::info!("hypervisor reachable again");
+                    inner.mode.unhealthy = None;
+                    drop(inner);
+                    self.replan.notify_one();
+                }
+                d
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "hypervisor unreachable; not taking work");
+                let mut inner = self.lock();
+                inner.mode.unhealthy = Some(format!("hypervisor unreachable: {e}"));
+                self.stop_pulling(&mut inner);
+                return report;
+            }
+        };
+        let mut ours: BTreeMap<RequestId, DomainInfo> = BTreeMap::new();
+        let mut foreign = Resources::default();
+        for d in domains {
+            match d.request.clone() {
+                Some(r) => {
+                    ours.insert(r, d);
+                }
+                None => {
+                    report.foreign += 1;
+                    foreign = foreign.checked_add(&d.resources).unwrap_or(foreign);
+                }
+            }
+        }
+        {
+            let mut inner = self.lock();
+            inner.mode.overcommitted = inner.ledger.set_foreign(foreign);
+        }
+        metrics::counter!(m::RECONCILE, "action" => "foreign").increment(report.foreign as u64);
+        for (id, dom) in &ours {
+            if self.lock().owned.contains_key(id) {
+                continue;
+            }
+            match self.adopt_or_destroy(id, dom).await {
+                Some(true) => report.adopted += 1,
+                Some(false) => report.destroyed += 1,
+                None => {}
+            }
+        }
+        let gone: Vec<(RequestId, Owned)> = self
+            .lock()
+            .owned
+            .iter()
+            .filter(|(id, o)| {
+                matches!(o.phase, Phase::Active | Phase::Deleting) && !ours.contains_key(*id)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, owned) in gone {
+            report.vanished += 1;
+            metrics::counter!(m::RECONCILE, "action" => "vanished").increment(1);
+            tracing::warn!(request.id = %id, "vm vanished from the hypervisor");
+            let now = common::clock::now();
+            let reason = format!("vm vanished from node {}", self.identity.node);
+            let c = owned.claim.clone();
+            let res = self
+                .bus
+                .records
+                .update(&id, |r| {
+                    if r.state == State::Deleting {
+                        r.deleted(&c, now)
+                    } else {
+                        r.lost(&c, &reason, now)
+                    }
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "record not updated for a vanished vm");
+            }
+            let mut inner = self.lock();
+            inner.owned.remove(&id);
+            inner.ledger.release(&id);
+        }
+        self.replan.notify_one();
+        report
+    }
+
+    /// Adopts a domain that carries our claim; destroys one nobody holds. `None`: undecided
+    /// (the record could not be read).
+    async fn adopt_or_destroy(&self, id: &RequestId, dom: &DomainInfo) -> Option<bool> {
+        let record = match self.bus.records.get_leader(id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(request.id = %id, error = %e, "record unreadable; leaving the domain alone");
+                return None;
+            }
+        };
+        let holds = record.as_ref().and_then(|r| {
+            let c = r.value.claim.as_ref()?;
+            let token_ok = dom.token.is_none_or(|t| t == c.token);
+            (c.node == self.identity.node && token_ok && r.value.state.has_claim())
+                .then(|| (r.value.clone(), c.clone()))
+        });
+        let Some((rec, claim)) = holds else {
+            metrics::counter!(m::RECONCILE, "action" => "destroyed_orphan").increment(1);
+            tracing::warn!(request.id = %id, "destroying an updraft domain no record gives to this node");
+            return self.driver.destroy(id).await.ok().map(|_| false);
+        };
+        let epoch = {
+            let mut inner = self.lock();
+            let over = inner
+                .ledger
+                .adopt(id, &dom.resources, rec.spec.group.as_ref());
+            if over {
+                tracing::error!(request.id = %id, "adopted vms exceed capacity; node cordons itself");
+            }
+            inner.mode.overcommitted |= over;
+            let phase = match rec.state {
+                State::Deleting => Phase::Deleting,
+                State::Claimed | State::Building => Phase::Building,
+                _ => Phase::Active,
+            };
+            inner.owned.insert(
+                id.clone(),
+                Owned {
+                    claim: claim.clone(),
+                    phase,
+                },
+            );
+            inner.epoch
+        };
+        metrics::counter!(m::RECONCILE, "action" => "adopted").increment(1);
+        tracing::info!(request.id = %id, state = %rec.state, "adopted a running domain");
+        let now = common::clock::now();
+        if claim.epoch != epoch
+            && let Ok(v) = self
+                .bus
+                .records
+                .update(id, |r| r.reconfirm(&claim, epoch, now))
+                .await
+            && let Some(o) = self.lock().owned.get_mut(id)
+        {
+            o.claim = v.value.claim.clone().unwrap_or(o.claim.clone());
+        }
+        match rec.state {
+            State::Deleting => self.finish_delete(id).await,
+            State::Claimed | State::Building => self.finish_interrupted_build(id).await,
+            _ => {}
+        }
+        Some(true)
+    }
+
+    /// A build interrupted by a restart left a running domain: carry the record to `active`.
+    async fn finish_interrupted_build(&self, id: &RequestId) {
+        for _ in 0..2 {
+            let Some(c) = self.claim_of(id) else { return };
+            let now = common::clock::now();
+            let res = self
+                .bus
+                .records
+                .update(id, |r| match r.state {
+                    State::Claimed => r.start_build(&c, now),
+                    _ => r.activate(&c, now),
+                })
+                .await;
+            match res {
+                Ok(v) if v.value.state == State::Active => {
+                    if let Some(o) = self.lock().owned.get_mut(id) {
+                        o.phase = Phase::Active;
+                    }
+                    return;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
