@@ -15,6 +15,8 @@ use crate::BusError;
 pub const REQUEST_ID_HEADER: &str = "updraft-request-id";
 /// JetStream's "maximum messages exceeded" error code (the shard is full).
 const ERR_MAX_MSGS: &str = "10077";
+/// JetStream's "duplicate message id is in process" error code.
+const ERR_MSG_ID_IN_PROCESS: &str = "10158";
 
 /// Publishes hints.
 #[derive(Clone)]
@@ -51,6 +53,31 @@ impl HintPublisher {
         lane: Lane,
         now: Timestamp,
     ) -> Result<HintAck, BusError> {
+        let msg_id = hint_msg_id(&record.spec.id, record.attempt, lane);
+        self.publish_with_id(record, lane, now, msg_id).await
+    }
+
+    /// Re-publishes a hint found missing, under a repair id (see
+    /// [`placement::subjects::hint_repair_msg_id`]); `repair` is any number unique per repair.
+    pub async fn republish(
+        &self,
+        record: &RequestRecord,
+        lane: Lane,
+        now: Timestamp,
+        repair: u64,
+    ) -> Result<HintAck, BusError> {
+        let msg_id =
+            placement::subjects::hint_repair_msg_id(&record.spec.id, record.attempt, lane, repair);
+        self.publish_with_id(record, lane, now, msg_id).await
+    }
+
+    async fn publish_with_id(
+        &self,
+        record: &RequestRecord,
+        lane: Lane,
+        now: Timestamp,
+        msg_id: String,
+    ) -> Result<HintAck, BusError> {
         let id = &record.spec.id;
         let hint = Hint {
             v: WIRE_VERSION,
@@ -60,10 +87,7 @@ impl HintPublisher {
             published_at: now,
         };
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            hint_msg_id(id, record.attempt, lane).as_str(),
-        );
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
         headers.insert(REQUEST_ID_HEADER, id.as_str());
         let subject = hint_subject(&record.shard, lane, id);
         let what = || format!("publish hint {id} to {}", record.shard);
@@ -86,6 +110,12 @@ impl HintPublisher {
                     stream: shard_stream(&record.shard),
                 })
             }
+            // clustered JetStream: the same Nats-Msg-Id is being stored right now (another
+            // dispatcher published the same hint a moment ago): a duplicate, not a failure
+            Err(e) if e.to_string().contains(ERR_MSG_ID_IN_PROCESS) => Ok(HintAck {
+                sequence: 0,
+                duplicate: true,
+            }),
             Err(e) if e.kind() == PublishErrorKind::TimedOut => {
                 Err(BusError::Timeout { what: what() })
             }

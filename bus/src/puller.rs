@@ -276,6 +276,49 @@ impl Puller {
     }
 }
 
+/// Fetches up to `n` messages from one lane in a single pull request (tools and tests: a
+/// node pulls one at a time under credit). Returns what arrived before `expiry`.
+pub async fn fetch_batch(
+    client: &async_nats::Client,
+    shard: &ShardId,
+    lane: Lane,
+    n: usize,
+    expiry: Duration,
+) -> Result<Vec<Delivery>, BusError> {
+    let stream = shard_stream(shard);
+    let consumer = shard_consumer(shard, lane);
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| BusError::nats("fetch inbox", e))?;
+    let body = serde_json::json!({
+        "batch": n,
+        "expires": u64::try_from(expiry.as_nanos()).unwrap_or(u64::MAX),
+        "group": PRIORITY_GROUP,
+        "priority": 0,
+    });
+    client
+        .publish_with_reply(
+            pull_request_subject(&stream, &consumer),
+            inbox,
+            body.to_string().into(),
+        )
+        .await
+        .map_err(|e| BusError::nats(format!("fetch from {consumer}"), e))?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + expiry + LOCAL_GRACE;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) if m.status.is_none() => out.extend(delivery(client, m)),
+            Ok(Some(m)) if m.status.map(|s| s.as_u16()) == Some(100) => {}
+            _ => break,
+        }
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

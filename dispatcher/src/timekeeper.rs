@@ -247,7 +247,14 @@ impl Dispatcher {
                         {
                             tracing::warn!(request.id = %r.spec.id, "queued request had no hint; re-published");
                             metrics::counter!(m::SWEEP, "action" => "rehint").increment(1);
-                            let _ = self.publish_hint(r, Lane::Fit, now).await;
+                            if let Err(e) = self
+                                .bus
+                                .hints
+                                .republish(r, Lane::Fit, now, now.as_millis())
+                                .await
+                            {
+                                tracing::warn!(request.id = %r.spec.id, error = %e, "hint repair failed; the next sweep retries");
+                            }
                         }
                     }
                 }

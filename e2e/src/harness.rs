@@ -104,8 +104,10 @@ pub struct Harness {
     pub dispatchers: Vec<dispatcher::Running>,
     /// Agents.
     pub agents: Vec<AgentInfo>,
-    /// Node deaths the test caused (node, wall ms): the checker counts their domains as gone.
-    pub deaths: Vec<(String, u64)>,
+    /// Deaths and freezes the test caused.
+    pub faults: crate::checker::Faults,
+    /// The harness's own NATS view (records, adverts), independent of any dispatcher.
+    pub bus: bus::Bus,
     http: reqwest::Client,
     opts: HarnessOptions,
 }
@@ -183,13 +185,40 @@ impl Harness {
             let url = s.url();
             (Nats::Single(s), url)
         };
+        let topo = bus::TopologyConfig {
+            replicas: if opts.cluster { 3 } else { 1 },
+            lease_ttl: LEASE_TTL,
+            ..Default::default()
+        };
+        let (client, _) = bus::connect(
+            &bus::NatsConfig {
+                url: url.clone(),
+                ..Default::default()
+            },
+            "harness",
+        )
+        .await?;
+        // a fresh cluster elects its JetStream meta leader first: retry until it answers
+        let mut tries = 0;
+        let bus = loop {
+            match bus::Bus::ensure(client.clone(), &topo).await {
+                Ok(b) => break b,
+                Err(e) if tries < 60 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "JetStream not ready yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let mut h = Harness {
+            bus,
             nats,
             url,
             dir: tempfile::tempdir()?,
             dispatchers: Vec::new(),
             agents: Vec::new(),
-            deaths: Vec::new(),
+            faults: Default::default(),
             http: reqwest::Client::new(),
             opts,
         };
@@ -334,19 +363,28 @@ impl Harness {
 
     /// Records that `node` died now (its domains count as gone from this instant).
     pub fn note_death(&mut self, node: &str) {
-        self.deaths
+        self.faults
+            .deaths
             .push((node.to_string(), common::clock::now().as_millis()));
+    }
+
+    /// Records that `node` was frozen from `from` to `to` (wall ms).
+    pub fn note_pause(&mut self, node: &str, from: u64, to: u64) {
+        self.faults.pauses.push((node.to_string(), from, to));
     }
 
     /// Waits until `n` nodes are advertised and taking work (per dispatcher 0).
     pub async fn wait_nodes(&self, n: usize, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let active = self.dispatchers[0]
-                .dispatcher
-                .nodes()
+            let active = self
+                .bus
+                .nodes
+                .list()
+                .await
+                .unwrap_or_default()
                 .iter()
-                .filter(|v| v.advert.takes_work())
+                .filter(|a| a.takes_work())
                 .count();
             if active >= n {
                 return Ok(());
@@ -415,8 +453,7 @@ impl Harness {
 
     /// Every request record in KV.
     pub async fn records(&self) -> anyhow::Result<Vec<RequestRecord>> {
-        let bus = &self.dispatchers[0].dispatcher.bus;
-        let mut w = bus.records.watch_all().await?;
+        let mut w = self.bus.records.watch_all().await?;
         let mut out = BTreeMap::new();
         loop {
             match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
@@ -440,7 +477,15 @@ impl Harness {
     ) -> anyhow::Result<Vec<RequestRecord>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let recs = self.records().await?;
+            let recs = match self.records().await {
+                Ok(r) => r,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "record snapshot failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let by_id: BTreeMap<&str, &RequestRecord> =
                 recs.iter().map(|r| (r.spec.id.as_str(), r)).collect();
             let pending: Vec<&String> = ids
@@ -492,7 +537,7 @@ impl Harness {
             .as_millis()
             .try_into()
             .unwrap_or(u64::MAX);
-        Ok(crate::check(&nodes, &records, &self.deaths, bound))
+        Ok(crate::check(&nodes, &records, &self.faults, bound))
     }
 
     /// Stops every in-process agent and dispatcher (processes are killed on drop).

@@ -77,9 +77,10 @@ impl Agent {
 
     async fn claim(self: Arc<Self>, pull: Option<PullId>, d: Delivery, hint: Hint) {
         let started = tokio::time::Instant::now();
-        let current = match self.bus.records.get(&hint.id).await {
-            Ok(Some(v)) => v,
-            Ok(None) => return self.drop_stale(&d, pull, "stale").await,
+        // fast path: any replica may answer; a verdict that would drop the hint for good is
+        // confirmed with the stream leader first (a lagging replica must not lose a request)
+        let mut current = match self.bus.records.get(&hint.id).await {
+            Ok(v) => v,
             Err(e @ bus::BusError::Decode { .. }) => {
                 metrics::counter!(m::HOSTILE, "kind" => "record").increment(1);
                 tracing::warn!(error = %e, "refusing hint for an undecodable record");
@@ -89,6 +90,22 @@ impl Agent {
                 tracing::debug!(error = %e, "cannot read the record; handing back");
                 return self.hand_back(&d, pull, Rejection::NotTakingWork).await;
             }
+        };
+        let stale = |c: &Option<bus::Versioned<RequestRecord>>| {
+            c.as_ref()
+                .is_none_or(|v| judge(&hint, &v.value, &self.profile, true) == Verdict::Stale)
+        };
+        if stale(&current) {
+            current = match self.bus.records.get_leader(&hint.id).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot confirm with the leader; handing back");
+                    return self.hand_back(&d, pull, Rejection::NotTakingWork).await;
+                }
+            };
+        }
+        let Some(current) = current else {
+            return self.drop_stale(&d, pull, "stale").await;
         };
         let takes_work = self.lock().mode.takes_work();
         match judge(&hint, &current.value, &self.profile, takes_work) {

@@ -327,6 +327,9 @@ impl RequestRecord {
         claim: Claim,
         now: Timestamp,
     ) -> Result<Self, TransitionError> {
+        if self.state == State::Claimed && self.claim.as_ref().is_some_and(|c| c.same(&claim)) {
+            return Ok(self.clone()); // our own claim already landed (a retry after a timeout)
+        }
         if self.state != State::Queued {
             return Err(if self.state.is_terminal() || self.state.has_claim() {
                 TransitionError::StaleAttempt {
@@ -355,6 +358,9 @@ impl RequestRecord {
 
     /// The claiming node starts building.
     pub fn start_build(&self, claim: &Claim, now: Timestamp) -> Result<Self, TransitionError> {
+        if self.state == State::Building && self.check_claim(claim).is_ok() {
+            return Ok(self.clone()); // already written (a retry after a timeout)
+        }
         if self.state != State::Claimed {
             return Err(self.illegal("start building"));
         }
@@ -364,6 +370,9 @@ impl RequestRecord {
 
     /// The build finished: the VM runs.
     pub fn activate(&self, claim: &Claim, now: Timestamp) -> Result<Self, TransitionError> {
+        if self.state == State::Active && self.check_claim(claim).is_ok() {
+            return Ok(self.clone()); // already written (a retry after a timeout)
+        }
         if self.state != State::Building {
             return Err(self.illegal("activate"));
         }
@@ -697,6 +706,24 @@ mod tests {
         assert_eq!(act, DeleteAction::CommandNode(c.node.clone()));
         let r = r.deleted(&c, Timestamp(5000)).unwrap();
         assert_eq!(r.state, State::Deleted);
+    }
+
+    #[test]
+    fn node_steps_are_idempotent_for_the_same_claim() {
+        let c = claim("n1", 1, 7);
+        let claimed = record().claim(1, c.clone(), Timestamp(1)).unwrap();
+        assert_eq!(claimed.claim(1, c.clone(), Timestamp(2)).unwrap(), claimed);
+        let building = claimed.start_build(&c, Timestamp(3)).unwrap();
+        assert_eq!(building.start_build(&c, Timestamp(4)).unwrap(), building);
+        let active = building.activate(&c, Timestamp(5)).unwrap();
+        assert_eq!(active.activate(&c, Timestamp(6)).unwrap(), active);
+        // but never for somebody else's claim
+        assert!(
+            building
+                .start_build(&claim("n2", 1, 8), Timestamp(4))
+                .is_err()
+        );
+        assert!(claimed.claim(1, claim("n2", 1, 8), Timestamp(2)).is_err());
     }
 
     #[test]

@@ -57,9 +57,10 @@ impl std::str::FromStr for Policy {
     }
 }
 
-/// Upper edges of the leftover fraction for buckets 0..8 (bucket 9 is everything above).
-/// Finer near "full", where best-fit decisions matter most.
-const LEFTOVER_EDGES: [f64; 9] = [0.01, 0.02, 0.04, 0.07, 0.11, 0.16, 0.24, 0.36, 0.55];
+/// Upper edges of the leftover fraction for buckets 0..7 of a node already in use (bucket 8
+/// is everything above). Finer near "full", where best-fit decisions matter most. Bucket 9 is
+/// kept for empty nodes, so a new host is opened only when no used one can take the request.
+const LEFTOVER_EDGES: [f64; 8] = [0.02, 0.05, 0.1, 0.17, 0.25, 0.35, 0.5, 0.7];
 
 /// The priority a node attaches to a pull for a class whose bound is `bound`, given its
 /// `capacity` and `unallocated` capacity (credit excluded: credit is a promise, not a use).
@@ -78,12 +79,15 @@ pub fn fitness_bucket(
 }
 
 fn pack_bucket(capacity: &Resources, unallocated: &Resources, bound: &Resources) -> u8 {
+    if unallocated == capacity {
+        return MAX_PRIORITY;
+    }
     let left = unallocated.saturating_sub(bound).min_fraction_of(capacity);
     let b = LEFTOVER_EDGES
         .iter()
         .take_while(|edge| left > **edge)
         .count();
-    u8::try_from(b).expect("at most 9 edges")
+    u8::try_from(b).expect("at most 8 edges")
 }
 
 /// Settings of the large-request starvation guard.
@@ -204,6 +208,14 @@ mod tests {
         assert_eq!(b, MAX_PRIORITY);
         let s = fitness_bucket(Policy::Spread, &cap, &full, &bound, &mut rng());
         assert_eq!(s, MAX_PRIORITY);
+        // a node in use, even lightly, beats an empty one under pack
+        let light = Resources::new(63, 65000, 999);
+        let l = fitness_bucket(Policy::Pack, &cap, &light, &bound, &mut rng());
+        assert!(l < MAX_PRIORITY, "{l}");
+        assert_eq!(
+            fitness_bucket(Policy::Spread, &cap, &empty, &bound, &mut rng()),
+            0
+        );
     }
 
     #[test]

@@ -28,9 +28,11 @@ use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
 /// Default lifetime of one pull request at the server.
-pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(10);
+pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(30);
 /// Default cap on pulls one node keeps outstanding.
 pub const DEFAULT_MAX_PULLS: usize = 24;
+/// Default cap on pulls one node keeps on one class's fit lane.
+pub const DEFAULT_PER_CLASS: usize = 2;
 
 /// In which order a node spends its credit on classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -59,6 +61,9 @@ pub struct PullConfig {
     pub order: PullOrder,
     /// Most pulls outstanding at once.
     pub max_pulls: usize,
+    /// Most pulls on one class's fit lane at once (more absorb bursts: the best-fitting node
+    /// keeps winning while it still fits).
+    pub per_class: usize,
     /// Lifetime of one pull at the server.
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
@@ -75,6 +80,7 @@ impl Default for PullConfig {
             policy: Policy::Pack,
             order: PullOrder::Demand,
             max_pulls: DEFAULT_MAX_PULLS,
+            per_class: DEFAULT_PER_CLASS,
             expiry: DEFAULT_PULL_EXPIRY,
             near_fit: true,
             guard: GuardConfig::default(),
@@ -124,7 +130,7 @@ pub struct PlanInput<'a> {
     pub map: &'a ShardMap,
     /// The ledger (capacity, allocations, credit already held).
     pub ledger: &'a NodeLedger,
-    /// (shard, lane) pairs already outstanding; never duplicated.
+    /// (shard, lane) pairs already outstanding (counted against the per-class cap).
     pub outstanding: &'a [(ShardId, Lane)],
     /// Current backlog flags (any zone; the planner filters).
     pub backlog: &'a [BacklogFlag],
@@ -136,6 +142,7 @@ pub struct PlanInput<'a> {
     pub now: Timestamp,
 }
 
+#[derive(Clone)]
 struct Candidate {
     tclass: TraitClassName,
     size: u8,
@@ -226,6 +233,15 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     for tclass in &home {
         order.extend(class_order(map, tclass, &unallocated, cfg.order, demand));
     }
+    // 3. then more pulls on the same fit lanes, in the same order, while credit lasts
+    let extra: Vec<Candidate> = order
+        .iter()
+        .filter(|c| c.lane == Lane::Fit)
+        .cloned()
+        .collect();
+    for _ in 1..cfg.per_class.max(1) {
+        order.extend(extra.iter().cloned());
+    }
 
     for c in order {
         if slots == 0 {
@@ -242,13 +258,21 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
                 0
             },
         };
-        if !size_ok
-            || outstanding.iter().any(|(s, l)| *s == shard && *l == c.lane)
-            || out
+        let held = outstanding
+            .iter()
+            .filter(|(s, l)| *s == shard && *l == c.lane)
+            .count()
+            + out
                 .pulls
                 .iter()
-                .any(|p| p.shard == shard && p.lane == c.lane)
-        {
+                .filter(|p| p.shard == shard && p.lane == c.lane)
+                .count();
+        let cap = if c.lane == Lane::Fit {
+            cfg.per_class.max(1)
+        } else {
+            1
+        };
+        if !size_ok || held >= cap {
             continue;
         }
         let class = ClassKey {
@@ -484,7 +508,30 @@ mod tests {
             &[],
             &PullConfig::default(),
         );
-        assert!(p2.pulls.iter().all(|i| (i.shard.clone(), i.lane) != first));
+        let same = |pp: &PullPlan| {
+            pp.pulls
+                .iter()
+                .filter(|i| (i.shard.clone(), i.lane) == first)
+                .count()
+        };
+        assert_eq!(same(&p), DEFAULT_PER_CLASS.min(same(&p)).max(1));
+        assert!(
+            same(&p2) < DEFAULT_PER_CLASS,
+            "outstanding pulls count against the per-class cap"
+        );
+        let one = PullConfig {
+            per_class: 1,
+            ..Default::default()
+        };
+        let p3 = plan(
+            &node,
+            &map,
+            &ledger,
+            std::slice::from_ref(&first),
+            &[],
+            &one,
+        );
+        assert!(p3.pulls.iter().all(|i| (i.shard.clone(), i.lane) != first));
         let capped = PullConfig {
             max_pulls: 3,
             ..Default::default()

@@ -106,6 +106,13 @@ pub fn hint_msg_id(id: &RequestId, attempt: u32, lane: Lane) -> String {
     format!("{id}:{attempt}:{}", lane.as_str())
 }
 
+/// `Nats-Msg-Id` of a repair: a hint the sweep found missing is re-published under a new id
+/// (the original id is still in the duplicate window and would be dropped). The subject holds
+/// one hint per request, so a repair can never add a second one.
+pub fn hint_repair_msg_id(id: &RequestId, attempt: u32, lane: Lane, repair: u64) -> String {
+    format!("{}:r{repair}", hint_msg_id(id, attempt, lane))
+}
+
 /// Key of a backlog flag in [`CONFIG_BUCKET`].
 pub fn backlog_key(class: &ClassKey) -> String {
     format!("backlog.{}.{}.s{:02}", class.zone, class.tclass, class.size)
