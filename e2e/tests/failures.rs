@@ -49,7 +49,7 @@ async fn submit(h: &Harness, prefix: &str, n: usize, flavor: &str) -> Vec<String
                         }
                     }
                 }
-                Ok((s, b)) if s >= 500 => again.extend(chunk.iter().cloned()),
+                Ok((s, _)) if s >= 500 => again.extend(chunk.iter().cloned()),
                 other => panic!("batch refused: {other:?}"),
             }
         }
