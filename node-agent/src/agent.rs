@@ -60,6 +60,8 @@ pub struct Inner {
     pub max_attempts: u32,
     /// Backlog flags by key.
     pub flags: BTreeMap<String, BacklogFlag>,
+    /// The class this node holds capacity back for (starvation guard), if any.
+    pub holding: Option<String>,
     /// Recent demand per class in this node's zone.
     pub demand: Vec<placement::wire::DemandEntry>,
     /// Outstanding pulls: shard, lane and the priority they were issued with.
@@ -200,7 +202,18 @@ impl Agent {
                 cfg: &self.cfg.pull,
                 now: common::clock::now(),
             };
-            let mut desired = plan_pulls(&input, &mut inner.rng).pulls;
+            let plan = plan_pulls(&input, &mut inner.rng);
+            let hold = plan.hold.as_ref().map(|h| h.class.to_string());
+            if hold != inner.holding {
+                match &hold {
+                    Some(class) => {
+                        tracing::info!(class, "holding back capacity for a backlogged large class")
+                    }
+                    None => tracing::info!("hold-back ended"),
+                }
+                inner.holding = hold;
+            }
+            let mut desired = plan.pulls;
             let mut cancel = Vec::new();
             for (id, (shard, lane, priority)) in &inner.pulls {
                 match desired

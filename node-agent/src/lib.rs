@@ -199,6 +199,7 @@ pub async fn start(
         max_attempts: cluster.max_attempts,
         flags: BTreeMap::new(),
         demand: Vec::new(),
+        holding: None,
         pulls: BTreeMap::new(),
         next_pull: 0,
         owned: BTreeMap::new(),

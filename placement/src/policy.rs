@@ -57,37 +57,57 @@ impl std::str::FromStr for Policy {
     }
 }
 
-/// Upper edges of the leftover fraction for buckets 0..7 of a node already in use (bucket 8
-/// is everything above). Finer near "full", where best-fit decisions matter most. Bucket 9 is
-/// kept for empty nodes, so a new host is opened only when no used one can take the request.
-const LEFTOVER_EDGES: [f64; 8] = [0.02, 0.05, 0.1, 0.17, 0.25, 0.35, 0.5, 0.7];
+/// Upper edges of the leftover fraction for buckets 0..5 of a node already in use (bucket 6
+/// is everything above). Finer near "full", where best-fit decisions matter most.
+const LEFTOVER_EDGES: [f64; 6] = [0.03, 0.08, 0.15, 0.25, 0.4, 0.6];
+/// Buckets for nodes in use: 0 ..= USED_TOP.
+const USED_TOP: u8 = 6;
+/// Empty nodes take the buckets above USED_TOP, spread by a stable hash of their id: the
+/// server breaks ties by arrival, so without this a burst onto an empty cluster would open
+/// every host at once; with it, one empty tier opens first and fills while the others wait.
+const EMPTY_TIERS: u8 = MAX_PRIORITY - USED_TOP;
 
 /// The priority a node attaches to a pull for a class whose bound is `bound`, given its
 /// `capacity` and `unallocated` capacity (credit excluded: credit is a promise, not a use).
+/// `node` ranks empty nodes (see [`fitness_bucket`]'s pack rule).
 pub fn fitness_bucket(
     policy: Policy,
+    node: &NodeId,
     capacity: &Resources,
     unallocated: &Resources,
     bound: &Resources,
     rng: &mut impl Rng,
 ) -> u8 {
+    let empty = unallocated == capacity;
     match policy {
         Policy::Random => rng.random_range(0..=MAX_PRIORITY),
-        Policy::Pack => pack_bucket(capacity, unallocated, bound),
-        Policy::Spread => MAX_PRIORITY - pack_bucket(capacity, unallocated, bound),
+        // pack: the fullest used node first; empty nodes last, in stable tiers
+        Policy::Pack if empty => USED_TOP + 1 + empty_tier(node),
+        Policy::Pack => used_bucket(capacity, unallocated, bound),
+        // spread: empty nodes first, then the emptiest used ones
+        Policy::Spread if empty => 0,
+        Policy::Spread => MAX_PRIORITY - used_bucket(capacity, unallocated, bound),
     }
 }
 
-fn pack_bucket(capacity: &Resources, unallocated: &Resources, bound: &Resources) -> u8 {
-    if unallocated == capacity {
-        return MAX_PRIORITY;
-    }
+fn empty_tier(node: &NodeId) -> u8 {
+    let h = stable_hash(&[b"empty-tier", node.as_str().as_bytes()]);
+    u8::try_from(h % u64::from(EMPTY_TIERS)).expect("fewer than 256 tiers")
+}
+
+/// The tier an empty node joins in under pack, out of `tiers` (a stable hash of its id).
+pub fn open_tier(node: &NodeId, tiers: u8) -> u8 {
+    let h = stable_hash(&[b"open-tier", node.as_str().as_bytes()]);
+    u8::try_from(h % u64::from(tiers.max(1))).expect("modulo a u8")
+}
+
+fn used_bucket(capacity: &Resources, unallocated: &Resources, bound: &Resources) -> u8 {
     let left = unallocated.saturating_sub(bound).min_fraction_of(capacity);
     let b = LEFTOVER_EDGES
         .iter()
         .take_while(|edge| left > **edge)
         .count();
-    u8::try_from(b).expect("at most 8 edges")
+    u8::try_from(b).expect("at most 6 edges")
 }
 
 /// Settings of the large-request starvation guard.
@@ -151,38 +171,56 @@ pub fn hold_back(
     if cfg.share <= 0.0 {
         return None;
     }
-    let mut best: Option<&Backlogged<'_>> = None;
+    let mut best: Option<(&Backlogged<'_>, Resources)> = None;
     for b in backlogged {
         let f = b.flag;
         let until = f.since.plus(cfg.max_hold);
         if f.class.size < cfg.min_class || now >= until {
             continue;
         }
-        if !b.bound.fits(capacity) || b.bound.fits(unallocated) {
-            continue; // can never fit, or fits already (then it simply pulls the class)
+        // what to make room for: the smallest waiting request (a near-fit taker can take it
+        // once it fits), or the class bound when the flag does not say
+        let target = if f.smallest.is_zero() {
+            b.bound.clone()
+        } else {
+            f.smallest.clone()
+        };
+        if !target.fits(capacity) {
+            continue; // can never fit here
         }
-        if unallocated.min_fraction_of(&b.bound) < cfg.min_progress {
+        // (a node that fits it already keeps holding: it takes the class first and nothing
+        // else may eat the room before the large request arrives)
+        if unallocated.min_fraction_of(&target) < cfg.min_progress {
             continue;
         }
-        let h = stable_hash(&[
-            node.as_str().as_bytes(),
-            f.class.to_string().as_bytes(),
-            &f.since.0.to_le_bytes(),
-        ]);
-        #[allow(clippy::cast_precision_loss)] // a fraction for an election
-        let draw = h as f64 / u64::MAX as f64;
-        if draw >= cfg.share {
+        if election_draw(node, &f.class) >= cfg.share {
             continue;
         }
-        if best.is_none_or(|cur| f.class.size > cur.flag.class.size) {
-            best = Some(b);
+        if best
+            .as_ref()
+            .is_none_or(|(cur, _)| f.class.size > cur.flag.class.size)
+        {
+            best = Some((b, target));
         }
     }
-    best.map(|b| HoldBack {
+    best.map(|(b, target)| HoldBack {
         class: b.flag.class.clone(),
-        headroom: b.bound.clone(),
+        headroom: target,
         until: b.flag.since.plus(cfg.max_hold),
     })
+}
+
+/// A node's draw in the starvation guard's election for `class`, uniform in [0, 1): stable, so
+/// the same nodes answer for a class every time and the share is exact over many nodes.
+pub fn election_draw(node: &NodeId, class: &ClassKey) -> f64 {
+    let h = stable_hash(&[
+        b"guard",
+        node.as_str().as_bytes(),
+        class.to_string().as_bytes(),
+    ]);
+    #[allow(clippy::cast_precision_loss)] // a fraction for an election
+    let draw = h as f64 / u64::MAX as f64;
+    draw
 }
 
 #[cfg(test)]
@@ -190,6 +228,10 @@ mod tests {
     use super::*;
     use crate::ids::{TraitClassName, Zone};
     use rand::SeedableRng;
+
+    fn node() -> NodeId {
+        NodeId::new("n-test").unwrap()
+    }
 
     fn rng() -> rand_chacha::ChaCha8Rng {
         rand_chacha::ChaCha8Rng::seed_from_u64(0)
@@ -201,19 +243,19 @@ mod tests {
         let bound = Resources::new(2, 2048, 10);
         let full = Resources::new(4, 2500, 900);
         let empty = cap.clone();
-        let a = fitness_bucket(Policy::Pack, &cap, &full, &bound, &mut rng());
-        let b = fitness_bucket(Policy::Pack, &cap, &empty, &bound, &mut rng());
+        let a = fitness_bucket(Policy::Pack, &node(), &cap, &full, &bound, &mut rng());
+        let b = fitness_bucket(Policy::Pack, &node(), &cap, &empty, &bound, &mut rng());
         assert!(a < b, "{a} {b}");
         assert_eq!(a, 0);
-        assert_eq!(b, MAX_PRIORITY);
-        let s = fitness_bucket(Policy::Spread, &cap, &full, &bound, &mut rng());
+        assert!(b > USED_TOP, "empty nodes rank after every used one: {b}");
+        let s = fitness_bucket(Policy::Spread, &node(), &cap, &full, &bound, &mut rng());
         assert_eq!(s, MAX_PRIORITY);
         // a node in use, even lightly, beats an empty one under pack
         let light = Resources::new(63, 65000, 999);
-        let l = fitness_bucket(Policy::Pack, &cap, &light, &bound, &mut rng());
+        let l = fitness_bucket(Policy::Pack, &node(), &cap, &light, &bound, &mut rng());
         assert!(l < MAX_PRIORITY, "{l}");
         assert_eq!(
-            fitness_bucket(Policy::Spread, &cap, &empty, &bound, &mut rng()),
+            fitness_bucket(Policy::Spread, &node(), &cap, &empty, &bound, &mut rng()),
             0
         );
     }
@@ -223,7 +265,9 @@ mod tests {
         let cap = Resources::new(1, 1, 1);
         let mut r = rng();
         for _ in 0..100 {
-            assert!(fitness_bucket(Policy::Random, &cap, &cap, &cap, &mut r) <= MAX_PRIORITY);
+            assert!(
+                fitness_bucket(Policy::Random, &node(), &cap, &cap, &cap, &mut r) <= MAX_PRIORITY
+            );
         }
     }
 

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, TraitClassName, TraitName, Zone};
 use crate::ledger::NodeLedger;
-use crate::policy::{Backlogged, GuardConfig, HoldBack, Policy, fitness_bucket, hold_back};
+use crate::policy::{
+    Backlogged, GuardConfig, HoldBack, Policy, fitness_bucket, hold_back, open_tier,
+};
 use crate::resources::Resources;
 use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
 use crate::time::Timestamp;
@@ -31,8 +33,10 @@ use crate::wire::{BacklogFlag, DemandEntry};
 pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(30);
 /// Default cap on pulls one node keeps outstanding.
 pub const DEFAULT_MAX_PULLS: usize = 24;
+/// Default number of tiers empty nodes join in under pack.
+pub const DEFAULT_OPEN_TIERS: u8 = 4;
 /// Default cap on pulls one node keeps on one class's fit lane.
-pub const DEFAULT_PER_CLASS: usize = 2;
+pub const DEFAULT_PER_CLASS: usize = 4;
 
 /// In which order a node spends its credit on classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -61,9 +65,11 @@ pub struct PullConfig {
     pub order: PullOrder,
     /// Most pulls outstanding at once.
     pub max_pulls: usize,
-    /// Most pulls on one class's fit lane at once (more absorb bursts: the best-fitting node
-    /// keeps winning while it still fits).
+    /// Most pulls a node in use keeps on one class's fit lane under pack (more absorb bursts:
+    /// the best-fitting node keeps winning while it still fits). Spread and random keep one.
     pub per_class: usize,
+    /// Under pack, empty nodes join in this many tiers (1: all at once). See `plan_pulls`.
+    pub open_tiers: u8,
     /// Lifetime of one pull at the server.
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
@@ -81,6 +87,7 @@ impl Default for PullConfig {
             order: PullOrder::Demand,
             max_pulls: DEFAULT_MAX_PULLS,
             per_class: DEFAULT_PER_CLASS,
+            open_tiers: DEFAULT_OPEN_TIERS,
             expiry: DEFAULT_PULL_EXPIRY,
             near_fit: true,
             guard: GuardConfig::default(),
@@ -198,11 +205,32 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         now,
     );
 
+    // Under pack an empty node is the last resort. The server serves every waiting pull when
+    // messages outnumber them, so priorities alone cannot keep a burst from opening every empty
+    // host at once: empty nodes join in tiers (a stable hash of their id). Tier 0 pulls as
+    // usual; tier k pulls only classes backed up for k class deadlines.
+    let empty = unallocated == *capacity;
+    let pack = cfg.policy == Policy::Pack;
+    let tier = if pack && empty {
+        open_tier(&node.id, cfg.open_tiers)
+    } else {
+        0
+    };
+    let per_class = if pack && !empty {
+        cfg.per_class.max(1)
+    } else {
+        1
+    };
+
     let mut order: Vec<Candidate> = Vec::new();
     // 1. backlogged classes: full-fit takers pull the fit lane, near-fit takers the spill lane
     //    (only backed-up classes have spilled hints, so only they are worth a near-fit pull)
     for b in &backlogged {
         let (tclass, size) = (b.flag.class.tclass.clone(), b.flag.class.size);
+        let waited = now.since(b.flag.since);
+        if tier > 0 && waited < map.spill_after(size) * u32::from(tier) {
+            continue;
+        }
         if b.bound.fits(&unallocated) {
             order.push(Candidate {
                 tclass,
@@ -229,9 +257,15 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             }
         }
     }
+    // the class this node holds back for goes first
+    if let Some(h) = &out.hold {
+        order.sort_by_key(|c| !(c.tclass == h.class.tclass && c.size == h.class.size));
+    }
     // 2. home classes in the configured order
-    for tclass in &home {
-        order.extend(class_order(map, tclass, &unallocated, cfg.order, demand));
+    if tier == 0 {
+        for tclass in &home {
+            order.extend(class_order(map, tclass, &unallocated, cfg.order, demand));
+        }
     }
     // 3. then more pulls on the same fit lanes, in the same order, while credit lasts
     let extra: Vec<Candidate> = order
@@ -239,7 +273,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         .filter(|c| c.lane == Lane::Fit)
         .cloned()
         .collect();
-    for _ in 1..cfg.per_class.max(1) {
+    for _ in 1..per_class {
         order.extend(extra.iter().cloned());
     }
 
@@ -267,11 +301,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
                 .iter()
                 .filter(|p| p.shard == shard && p.lane == c.lane)
                 .count();
-        let cap = if c.lane == Lane::Fit {
-            cfg.per_class.max(1)
-        } else {
-            1
-        };
+        let cap = if c.lane == Lane::Fit { per_class } else { 1 };
         if !size_ok || held >= cap {
             continue;
         }
@@ -287,7 +317,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         if !c.credit.fits(&allowed) {
             continue;
         }
-        let priority = fitness_bucket(cfg.policy, capacity, &unallocated, &c.bound, rng);
+        let priority = fitness_bucket(cfg.policy, &node.id, capacity, &unallocated, &c.bound, rng);
         budget = budget.saturating_sub(&c.credit);
         out.pulls.push(PullIntent {
             shard,
@@ -373,6 +403,14 @@ mod tests {
     use crate::shard::default_shard_map;
     use rand::SeedableRng;
 
+    /// Plans as one tier (tiered opening of empty nodes has its own test).
+    fn cfg() -> PullConfig {
+        PullConfig {
+            open_tiers: 1,
+            ..PullConfig::default()
+        }
+    }
+
     fn setup(mem_gib: u64) -> (NodeProfile, ShardMap, NodeLedger) {
         let zone = Zone::new("az1").unwrap();
         let node = NodeProfile {
@@ -413,7 +451,7 @@ mod tests {
     #[test]
     fn credit_never_exceeds_spare() {
         let (node, map, mut ledger) = setup(64);
-        let cfg = PullConfig::default();
+        let cfg = cfg();
         let p = plan(&node, &map, &ledger, &[], &[], &cfg);
         assert!(!p.pulls.is_empty());
         for (i, intent) in p.pulls.iter().enumerate() {
@@ -432,14 +470,14 @@ mod tests {
     #[test]
     fn largest_then_smallest_order() {
         let (node, map, ledger) = setup(64);
-        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         // 64 GiB node: the largest full class bound is 64 GiB (size 12) and takes all memory,
         // so nothing else fits beside it
         assert_eq!(p.pulls[0].shard.size, 12);
         assert_eq!(p.pulls[0].lane, Lane::Fit);
         assert_eq!(p.pulls.len(), 1);
         let (node, map, ledger) = setup(512);
-        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert_eq!(p.pulls[0].shard.size, 16);
         assert_eq!(p.pulls[1].shard.size, 0);
         assert_eq!(p.pulls[2].shard.size, 1);
@@ -472,24 +510,17 @@ mod tests {
                 None,
             )
             .unwrap();
-        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
         assert_eq!(p.pulls[0].shard.size, 4);
-        let p = plan(
-            &node,
-            &map,
-            &ledger,
-            &[],
-            &[flag(5)],
-            &PullConfig::default(),
-        );
+        let p = plan(&node, &map, &ledger, &[], &[flag(5)], &cfg());
         assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Spill));
         assert_eq!(p.pulls[0].credit, map.lower_bound(5));
         // the spill credit (4 GiB) leaves 1 GiB: the largest full class now is size 0
         assert_eq!((p.pulls[1].shard.size, p.pulls[1].lane), (0, Lane::Fit));
         let no_near = PullConfig {
             near_fit: false,
-            ..Default::default()
+            ..cfg()
         };
         let p = plan(&node, &map, &ledger, &[], &[flag(5)], &no_near);
         assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
@@ -498,7 +529,7 @@ mod tests {
     #[test]
     fn outstanding_pulls_are_not_duplicated_and_cap_holds() {
         let (node, map, ledger) = setup(512);
-        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         let first = (p.pulls[0].shard.clone(), p.pulls[0].lane);
         let p2 = plan(
             &node,
@@ -506,7 +537,7 @@ mod tests {
             &ledger,
             std::slice::from_ref(&first),
             &[],
-            &PullConfig::default(),
+            &cfg(),
         );
         let same = |pp: &PullPlan| {
             pp.pulls
@@ -521,7 +552,7 @@ mod tests {
         );
         let one = PullConfig {
             per_class: 1,
-            ..Default::default()
+            ..cfg()
         };
         let p3 = plan(
             &node,
@@ -534,7 +565,7 @@ mod tests {
         assert!(p3.pulls.iter().all(|i| (i.shard.clone(), i.lane) != first));
         let capped = PullConfig {
             max_pulls: 3,
-            ..Default::default()
+            ..cfg()
         };
         assert_eq!(plan(&node, &map, &ledger, &[], &[], &capped).pulls.len(), 3);
     }
@@ -555,14 +586,14 @@ mod tests {
             AllocationRatios::default(),
         )
         .unwrap();
-        let p = plan(&gpu, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&gpu, &map, &ledger, &[], &[], &cfg());
         assert!(
             p.pulls.iter().all(|i| i.shard.tclass.as_str() == "gpu"),
             "{:?}",
             p.pulls
         );
         let _ = zone;
-        let p = plan(&gpu, &map, &ledger, &[], &[flag(2)], &PullConfig::default());
+        let p = plan(&gpu, &map, &ledger, &[], &[flag(2)], &cfg());
         assert_eq!(p.pulls[0].shard.tclass.as_str(), "std");
         assert_eq!(p.pulls[0].shard.size, 2);
     }
@@ -571,7 +602,7 @@ mod tests {
     fn demand_orders_credit() {
         let (node, map, ledger) = setup(64);
         // 64 GiB: without demand the largest class (64 GiB) takes everything
-        let p = plan(&node, &map, &ledger, &[], &[], &PullConfig::default());
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert_eq!(p.pulls.len(), 1);
         // with demand for 2 GiB and 8 GiB classes only, those come first and the rest follows
         let d = |size, per_min| DemandEntry {
@@ -587,7 +618,7 @@ mod tests {
             outstanding: &[],
             backlog: &[],
             demand: &demand,
-            cfg: &PullConfig::default(),
+            cfg: &cfg(),
             now: Timestamp(0),
         };
         let p = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
@@ -597,5 +628,46 @@ mod tests {
             sizes.len() > 2,
             "credit left over goes to other classes: {sizes:?}"
         );
+    }
+
+    #[test]
+    fn empty_nodes_join_in_tiers_under_pack() {
+        let (_, map, ledger) = setup(64);
+        let tiered = PullConfig::default();
+        let mut by_tier = [0usize; 8];
+        let mut joined_late = 0;
+        for i in 0..200 {
+            let node = NodeProfile {
+                id: NodeId::new(format!("n{i}")).unwrap(),
+                zone: Zone::new("az1").unwrap(),
+                traits: vec![],
+            };
+            let t = open_tier(&node.id, tiered.open_tiers);
+            by_tier[usize::from(t)] += 1;
+            let p = plan(&node, &map, &ledger, &[], &[], &tiered);
+            if t == 0 {
+                assert!(!p.pulls.is_empty(), "tier 0 pulls as usual");
+            } else {
+                assert!(p.pulls.is_empty(), "tier {t} waits for a backlog");
+                // a class backed up long enough lets it join
+                let mut f = flag(2);
+                f.since = Timestamp(0);
+                let input = PlanInput {
+                    node: &node,
+                    map: &map,
+                    ledger: &ledger,
+                    outstanding: &[],
+                    backlog: std::slice::from_ref(&f),
+                    demand: &[],
+                    cfg: &tiered,
+                    now: Timestamp(0).plus(map.spill_after(2) * u32::from(t)),
+                };
+                let p = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+                assert_eq!(p.pulls.len(), 1, "only the backed-up class");
+                joined_late += 1;
+            }
+        }
+        assert!(by_tier[..4].iter().all(|n| *n > 20), "{by_tier:?}");
+        assert!(joined_late > 100);
     }
 }

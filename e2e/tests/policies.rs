@@ -1,0 +1,239 @@
+#![allow(clippy::unwrap_used, clippy::tests_outside_test_module)] // test code: a panic is the failure report
+
+//! Placement policies end to end: pack packs, spread spreads, and a large request is not
+//! starved by a stream of small ones.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e::harness::{Harness, HarnessOptions, is_active};
+use placement::Resources;
+use placement::policy::Policy;
+use serde_json::{Value, json};
+
+async fn burst(h: &Harness, items: &[(String, &str)]) {
+    let servers: Vec<Value> = items
+        .iter()
+        .map(|(id, f)| json!({ "id": id, "flavor": f }))
+        .collect();
+    let (s, b) = h
+        .post_raw(
+            0,
+            "/v1/servers/batch",
+            serde_json::to_vec(&json!({ "servers": servers })).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+}
+
+async fn cluster(policy: Policy, nodes: usize, per_node: Resources) -> Harness {
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    for i in 0..nodes {
+        h.add_agent_with(&format!("n{i:02}"), per_node.clone(), |c| {
+            c.pull.policy = policy
+        })
+        .await
+        .unwrap();
+    }
+    h.wait_nodes(nodes, Duration::from_secs(20)).await.unwrap();
+    h
+}
+
+fn per_node_counts(recs: &[placement::RequestRecord]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in recs {
+        *m.entry(r.node().unwrap().to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The bin-packing lower bound: the scarcest dimension decides.
+fn lower_bound(total: &Resources, node: &Resources) -> usize {
+    let per = |a: u64, b: u64| a.div_ceil(b);
+    let n = per(u64::from(total.vcpus), u64::from(node.vcpus))
+        .max(per(total.memory_mib, node.memory_mib))
+        .max(per(total.disk_gib, node.disk_gib));
+    usize::try_from(n).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pack_uses_at_most_one_host_more_than_the_lower_bound() {
+    let node = Resources::new(32, 64 * 1024, 2000);
+    let h = cluster(Policy::Pack, 10, node.clone()).await;
+    let mix = ["m1.small", "m1.medium", "m1.small", "m1.large", "m1.medium"];
+    let items: Vec<(String, &str)> = (0..100)
+        .map(|i| (format!("p-{i:03}"), mix[i % mix.len()]))
+        .collect();
+    burst(&h, &items).await;
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    let recs = h
+        .wait_for(&ids, Duration::from_secs(60), is_active)
+        .await
+        .unwrap();
+    let mut total = Resources::default();
+    for r in &recs {
+        total = total.checked_add(&r.spec.resources).unwrap();
+    }
+    let lb = lower_bound(&total, &node);
+    let used = per_node_counts(&recs).len();
+    assert!(
+        used <= lb + 1,
+        "pack used {used} hosts; the lower bound is {lb}"
+    );
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{:#?}", report.violations);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spread_keeps_hosts_within_two_of_each_other() {
+    let h = cluster(Policy::Spread, 10, Resources::new(32, 64 * 1024, 2000)).await;
+    let items: Vec<(String, &str)> = (0..100)
+        .map(|i| (format!("s-{i:03}"), "m1.small"))
+        .collect();
+    burst(&h, &items).await;
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    let recs = h
+        .wait_for(&ids, Duration::from_secs(60), is_active)
+        .await
+        .unwrap();
+    let counts = per_node_counts(&recs);
+    assert_eq!(counts.len(), 10, "every host gets work: {counts:?}");
+    let (min, max) = (
+        counts.values().min().unwrap(),
+        counts.values().max().unwrap(),
+    );
+    assert!(
+        max - min <= 2,
+        "spread counts differ by more than 2: {counts:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_request_is_not_starved_by_a_stream_of_small_ones() {
+    use placement::policy::election_draw;
+    use placement::shard::ClassKey;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // eight hosts of 16 small slots each; a "large" request needs a whole host
+    let node = Resources::new(16, 32 * 1024, 1000);
+    let mut h = Harness::start(HarnessOptions {
+        spill_after: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("host-{i}")).collect();
+    let large_class = {
+        let map = h.dispatchers[0].dispatcher.cluster().shard_map;
+        let r = Resources::new(16, 32 * 1024, 20);
+        ClassKey {
+            zone: map.default_zone.clone(),
+            tclass: placement::ShardMap::std_class(),
+            size: map.size_class_of(&r).unwrap(),
+        }
+    };
+    // a share that elects exactly one of the eight (the guard's share is a cap, not a quota)
+    let mut draws: Vec<f64> = names
+        .iter()
+        .map(|n| election_draw(&placement::NodeId::new(n.as_str()).unwrap(), &large_class))
+        .collect();
+    draws.sort_by(f64::total_cmp);
+    let share = (draws[0] + draws[1]) / 2.0;
+    for n in &names {
+        h.add_agent_with(n, node.clone(), |c| {
+            c.pull.guard.share = share;
+            c.pull.guard.min_progress = 0.0;
+        })
+        .await
+        .unwrap();
+    }
+    h.wait_nodes(8, Duration::from_secs(20)).await.unwrap();
+    let h = Arc::new(h);
+    // a saturating stream: 30 smalls a second living 3.6 s keep ~108 of the 128 slots busy
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (h, stop) = (h.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("small-{n:05}");
+                n += 1;
+                let _ = h
+                    .create(
+                        0,
+                        &json!({ "id": id, "flavor": "m1.small", "deadline_s": 120 }),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(33)).await;
+            }
+        })
+    };
+    let reaper = {
+        let (h, stop) = (h.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let now = common::clock::now();
+                let (_, list) = h
+                    .get(0, "/v1/servers?state=active&limit=10000")
+                    .await
+                    .unwrap();
+                for r in list["items"].as_array().unwrap() {
+                    let id = r["spec"]["id"].as_str().unwrap();
+                    let at = r["active_at"].as_u64().unwrap_or(u64::MAX);
+                    if id.starts_with("small-") && now.as_millis().saturating_sub(at) >= 3_600 {
+                        let _ = h.delete(0, id).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let t_large = common::clock::now().as_millis();
+    let (s, b) = h.create(0, &json!({ "id": "large", "resources": { "vcpus": 16, "memory_mib": 32768, "disk_gib": 20 }, "deadline_s": 60 })).await.unwrap();
+    assert_eq!(s, 201, "{b}");
+    let placed = h
+        .wait_for(&["large".into()], Duration::from_secs(60), is_active)
+        .await;
+    let t_placed = common::clock::now().as_millis();
+    // keep the stream going so the comparison windows are equal and long enough to mean much
+    let until = (t_large + 6_000).max(t_placed);
+    tokio::time::sleep(Duration::from_millis(
+        until.saturating_sub(common::clock::now().as_millis()),
+    ))
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    stream.await.unwrap();
+    reaper.await.unwrap();
+    let large = placed.unwrap();
+    assert_eq!(large[0].state, placement::lifecycle::State::Active);
+    assert!(t_placed - t_large <= 60_000, "placed within its deadline");
+    // small throughput (placements per second) while the large one waited, against before
+    let recs = h.records().await.unwrap();
+    let starts: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.spec.id.as_str().starts_with("small-"))
+        .filter_map(|r| r.active_at.map(|a| a.as_millis()))
+        .collect();
+    let rate = |from: u64, to: u64| {
+        starts.iter().filter(|t| **t >= from && **t < to).count() as f64
+            / ((to - from).max(1) as f64 / 1000.0)
+    };
+    let window = (t_placed - t_large).max(5_000);
+    let before = rate(t_large - 5_000, t_large);
+    let during = rate(t_large, t_large + window);
+    assert!(before > 5.0, "the stream was running: {before:.1}/s");
+    assert!(
+        during >= 0.8 * before,
+        "small throughput fell from {before:.1}/s to {during:.1}/s while the large request waited {} ms",
+        t_placed - t_large
+    );
+    let h = Arc::try_unwrap(h).ok().expect("harness still shared");
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{:#?}", report.violations);
+    h.shutdown().await;
+}
