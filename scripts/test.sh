@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up what is missing (idempotent), then run every test tier.
+# Unit, property and integration tests run in parallel; the end-to-end tests (whole clusters
+# of real processes) run one at a time, so timing-sensitive faults are not starved of CPU.
 # Tests that need nats-server find it on PATH or through UPDRAFT_NATS_SERVER.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -7,4 +9,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH="$ROOT/.tools/bin:$PATH"
 export UPDRAFT_NATS_SERVER="${UPDRAFT_NATS_SERVER:-$ROOT/.tools/bin/nats-server}"
 cd "$ROOT"
-cargo test --workspace --locked "$@"
+cargo build --workspace --bins --locked
+cargo test --workspace --locked --exclude e2e "$@"
+cargo test --locked -p e2e "$@" -- --test-threads 1

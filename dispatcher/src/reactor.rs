@@ -173,7 +173,7 @@ impl Dispatcher {
                         let Ok(node) = NodeId::new(key.as_str()) else {
                             continue;
                         };
-                        self.view.write().expect("view lock").adverts.remove(&node);
+                        self.view.write().expect("view lock").remove_advert(&node);
                         tracing::warn!(node.id = %node, "node lease ended; reaping its claims");
                         let me = self.clone();
                         self.tasks

@@ -152,17 +152,14 @@ impl Dispatcher {
             let cluster = self.cluster.read().expect("cluster lock");
             route_or_explain(&cluster.shard_map, &spec)?
         };
-        let explanation = {
+        let refusal = {
             let view = self.view();
-            let adverts: Vec<_> = view.adverts.values().cloned().collect();
-            explain(&spec, &adverts, &[])
+            // admission walks distinct node shapes; the full explanation only when refusing
+            if view.admissible(&spec) { None } else { Some(explain(&spec, view.adverts.values(), &[]).summary) }
         };
         let mut record = RequestRecord::new_queued(spec, shard, now);
-        if !explanation.admissible() {
-            let reason = format!(
-                "no node could ever hold this request: {}",
-                explanation.summary
-            );
+        if let Some(summary) = refusal {
+            let reason = format!("no node could ever hold this request: {summary}");
             record = record
                 .fail(1, &reason, now)
                 .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
@@ -411,8 +408,7 @@ impl Dispatcher {
         let excluded: Vec<String> = r.excluded.iter().map(ToString::to_string).collect();
         let (summary, placement) = match r.state {
             State::Queued => {
-                let adverts: Vec<_> = self.view().adverts.values().cloned().collect();
-                let e = explain(&r.spec, &adverts, &r.excluded);
+                let e = explain(&r.spec, self.view().adverts.values(), &r.excluded);
                 let waited = common::clock::now().since(r.queued_at);
                 (
                     format!(
@@ -448,8 +444,7 @@ impl Dispatcher {
         let req: CreateServer = parse_json(body)?;
         let spec = self.validate(&req)?;
         let shard = route_or_explain(&self.cluster.read().expect("cluster lock").shard_map, &spec)?;
-        let adverts: Vec<_> = self.view().adverts.values().cloned().collect();
-        let e = explain(&spec, &adverts, &[]);
+        let e = explain(&spec, self.view().adverts.values(), &[]);
         Ok(Plan {
             shard,
             admissible: e.admissible(),

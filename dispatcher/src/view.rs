@@ -50,8 +50,11 @@ pub struct View {
     finished: VecDeque<RequestRecord>,
     finished_cap: usize,
     by_node: HashMap<NodeId, BTreeSet<RequestId>>,
-    /// Node adverts by id.
+    /// Node adverts by id (change them through `upsert_advert` / `remove_advert`).
     pub adverts: BTreeMap<NodeId, NodeAdvert>,
+    /// Distinct node shapes (zone, traits, capacity) and how many nodes have each: admission
+    /// looks at these, not at every node.
+    shapes: HashMap<(placement::Zone, Vec<placement::TraitName>, placement::Resources), usize>,
     /// Every record present at start has been seen.
     pub caught_up: bool,
     active_times: VecDeque<Timestamp>,
@@ -66,6 +69,12 @@ fn push_capped<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
         q.pop_front();
     }
     q.push_back(v);
+}
+
+fn shape_of(a: &NodeAdvert) -> (placement::Zone, Vec<placement::TraitName>, placement::Resources) {
+    let mut traits = a.traits.clone();
+    traits.sort();
+    (a.zone.clone(), traits, a.capacity.clone())
 }
 
 fn decay(from: Timestamp, to: Timestamp) -> f64 {
@@ -237,6 +246,40 @@ impl View {
             let n = n.clone();
             self.unindex(&n, &id);
         }
+    }
+
+    /// Adds or replaces a node's advert; returns the previous one.
+    pub fn upsert_advert(&mut self, a: NodeAdvert) -> Option<NodeAdvert> {
+        let prev = self.adverts.insert(a.node.clone(), a.clone());
+        if let Some(p) = &prev {
+            self.unshape(p);
+        }
+        *self.shapes.entry(shape_of(&a)).or_insert(0) += 1;
+        prev
+    }
+
+    /// Removes a node's advert (its lease ended).
+    pub fn remove_advert(&mut self, node: &NodeId) -> Option<NodeAdvert> {
+        let prev = self.adverts.remove(node);
+        if let Some(p) = &prev {
+            self.unshape(p);
+        }
+        prev
+    }
+
+    fn unshape(&mut self, a: &NodeAdvert) {
+        let key = shape_of(a);
+        if let Some(n) = self.shapes.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.shapes.remove(&key);
+            }
+        }
+    }
+
+    /// Admission: could any advertised node ever hold `spec`? Cost: distinct node shapes.
+    pub fn admissible(&self, spec: &placement::RequestSpec) -> bool {
+        self.shapes.keys().any(|(zone, traits, cap)| placement::explain::shape_admits(spec, zone, traits, cap))
     }
 
     /// One open record.

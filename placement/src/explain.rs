@@ -46,11 +46,20 @@ impl Explanation {
 /// Most candidates listed in an explanation.
 pub const MAX_CANDIDATES: usize = 10;
 
+/// True when some node of this shape could ever hold `spec` (admission without walking
+/// every advert: callers keep one entry per distinct node shape).
+pub fn shape_admits(spec: &RequestSpec, zone: &crate::ids::Zone, traits: &[crate::ids::TraitName], capacity: &crate::resources::Resources) -> bool {
+    &spec.zone == zone
+        && spec.required_traits.iter().all(|t| traits.contains(t))
+        && !spec.forbidden_traits.iter().any(|t| traits.contains(t))
+        && spec.resources.fits(capacity)
+}
+
 /// Explains where `spec` could go given the current adverts.
-pub fn explain(spec: &RequestSpec, adverts: &[NodeAdvert], excluded: &[NodeId]) -> Explanation {
+pub fn explain<'a>(spec: &RequestSpec, adverts: impl IntoIterator<Item = &'a NodeAdvert>, excluded: &[NodeId]) -> Explanation {
     let mut e = Explanation::default();
     let mut short: BTreeMap<Dim, usize> = BTreeMap::new();
-    for a in adverts.iter().filter(|a| a.zone == spec.zone) {
+    for a in adverts.into_iter().filter(|a| a.zone == spec.zone) {
         e.in_zone += 1;
         if !spec.required_traits.iter().all(|t| a.traits.contains(t)) {
             e.lacking_traits += 1;
