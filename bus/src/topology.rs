@@ -71,7 +71,7 @@ impl Default for TopologyConfig {
             finished_ttl: Duration::from_secs(7 * 24 * 3600),
             max_ack_pending: 20_000,
             max_waiting: 20_000,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             max_pull_expiry: Duration::from_secs(300),
         }
     }
@@ -169,7 +169,7 @@ impl Bus {
                 durable_name: Some(TIMERS_CONSUMER.to_string()),
                 filter_subject: TIMER_FIRE_FILTER.to_string(),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: Duration::from_secs(5),
                 max_deliver: -1,
                 max_ack_pending: 10_000,
                 ..Default::default()

@@ -175,7 +175,7 @@ impl Default for Config {
             flavors: Vec::new(),
             default_deadline_s: DEFAULT_DEADLINE_S,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
-            sweep_interval: Duration::from_secs(2),
+            sweep_interval: Duration::from_secs(1),
             reap_grace: Duration::from_secs(15),
             hint_check_after: Duration::from_secs(10),
             recent_finished: 10_000,

@@ -68,8 +68,6 @@ impl Dispatcher {
 
     async fn react(&self, v: &Versioned<RequestRecord>, applied: &Applied) {
         let r = &v.value;
-        let first_sight_of_attempt =
-            applied.before != Some(State::Queued) || applied.before_attempt != Some(r.attempt);
         if r.state == State::Queued {
             let hinted = self
                 .hinted
@@ -83,9 +81,6 @@ impl Dispatcher {
                 }
                 if r.spilled {
                     let _ = self.publish_hint(r, Lane::Spill, now).await;
-                }
-                if r.attempt > 1 && first_sight_of_attempt {
-                    self.schedule(r, now).await;
                 }
             }
             return;
@@ -153,12 +148,7 @@ impl Dispatcher {
                 match ev {
                     NodeEvent::Put(a) => {
                         let a = a.value;
-                        let prev = self
-                            .view
-                            .write()
-                            .expect("view lock")
-                            .adverts
-                            .insert(a.node.clone(), a.clone());
+                        let prev = self.view.write().expect("view lock").upsert_advert(a.clone());
                         match prev {
                             None => {
                                 tracing::info!(node.id = %a.node, epoch = %a.epoch, zone = %a.zone, "node joined")

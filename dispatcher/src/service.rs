@@ -155,7 +155,7 @@ impl Dispatcher {
         let refusal = {
             let view = self.view();
             // admission walks distinct node shapes; the full explanation only when refusing
-            if view.admissible(&spec) { None } else { Some(explain(&spec, view.adverts.values(), &[]).summary) }
+            if view.admissible(&spec) { None } else { Some(explain(&spec, view.adverts().values(), &[]).summary) }
         };
         let mut record = RequestRecord::new_queued(spec, shard, now);
         if let Some(summary) = refusal {
@@ -193,7 +193,6 @@ impl Dispatcher {
             }
             tracing::warn!(request.id = %id, error = %e, "hint not published; the sweep re-publishes it");
         }
-        self.schedule(&record, now).await;
         metrics::counter!(m::REQUESTS, "outcome" => "accepted").increment(1);
         tracing::info!(request.id = %id, shard = %record.shard, "request accepted");
         Ok(Created {
@@ -229,7 +228,6 @@ impl Dispatcher {
                 .update_from(&id, Some(current), |r| r.retry(now))
                 .await
                 .map_err(ApiError::unavailable)?;
-            self.schedule(&v.value, now).await;
             v.value
         } else {
             current.value
@@ -268,34 +266,13 @@ impl Dispatcher {
         res.map(|_| ())
     }
 
-    /// Sets the request's durable timers: spill after its class deadline, final deadline.
-    pub async fn schedule(&self, record: &RequestRecord, _now: Timestamp) {
-        let spill_after = self
-            .cluster
-            .read()
-            .expect("cluster lock")
-            .shard_map
-            .spill_after(record.shard.size);
-        let timers = [
-            Timer {
-                v: WIRE_VERSION,
-                id: record.spec.id.clone(),
-                attempt: record.attempt,
-                kind: TimerKind::Spill,
-                due_at: record.queued_at.plus(spill_after),
-            },
-            Timer {
-                v: WIRE_VERSION,
-                id: record.spec.id.clone(),
-                attempt: record.attempt,
-                kind: TimerKind::Deadline,
-                due_at: record.deadline_at,
-            },
-        ];
-        for t in &timers {
-            if let Err(e) = self.bus.timers.schedule(t).await {
-                tracing::warn!(request.id = %t.id, kind = t.kind.as_str(), error = %e, "timer not set; the sweep covers it");
-            }
+    /// Sets the durable timer of a request that waits past its class deadline: the final
+    /// deadline. (Requests placed within their class deadline, nearly all of them, never cost
+    /// a timer; the sweep finds the others and calls this as it spills them.)
+    pub async fn schedule_deadline(&self, record: &RequestRecord) {
+        let t = Timer { v: WIRE_VERSION, id: record.spec.id.clone(), attempt: record.attempt, kind: TimerKind::Deadline, due_at: record.deadline_at };
+        if let Err(e) = self.bus.timers.schedule(&t).await {
+            tracing::warn!(request.id = %t.id, error = %e, "deadline timer not set; the sweep covers it");
         }
     }
 
@@ -408,7 +385,7 @@ impl Dispatcher {
         let excluded: Vec<String> = r.excluded.iter().map(ToString::to_string).collect();
         let (summary, placement) = match r.state {
             State::Queued => {
-                let e = explain(&r.spec, self.view().adverts.values(), &r.excluded);
+                let e = explain(&r.spec, self.view().adverts().values(), &r.excluded);
                 let waited = common::clock::now().since(r.queued_at);
                 (
                     format!(
@@ -444,7 +421,7 @@ impl Dispatcher {
         let req: CreateServer = parse_json(body)?;
         let spec = self.validate(&req)?;
         let shard = route_or_explain(&self.cluster.read().expect("cluster lock").shard_map, &spec)?;
-        let e = explain(&spec, self.view().adverts.values(), &[]);
+        let e = explain(&spec, self.view().adverts().values(), &[]);
         Ok(Plan {
             shard,
             admissible: e.admissible(),
@@ -457,7 +434,7 @@ impl Dispatcher {
     pub fn nodes(&self) -> Vec<NodeView> {
         let view = self.view();
         let now = common::clock::now();
-        view.adverts
+        view.adverts()
             .values()
             .map(|a| NodeView {
                 held: view.claims_of(&a.node).len(),
@@ -477,7 +454,7 @@ impl Dispatcher {
     ) -> Result<(), ApiError> {
         let node =
             NodeId::new(node).map_err(|e| ApiError::new(400, "invalid", format!("node: {e}")))?;
-        if !self.view().adverts.contains_key(&node) {
+        if !self.view().adverts().contains_key(&node) {
             return Err(ApiError::not_found(format!("node {node}")));
         }
         if !cordoned && !draining {
@@ -523,7 +500,7 @@ impl Dispatcher {
         let view = self.view();
         let queued = view.queued_by_class();
         let mut zones: BTreeMap<String, ZoneCapacity> = BTreeMap::new();
-        for a in view.adverts.values() {
+        for a in view.adverts().values() {
             let z = zones.entry(a.zone.to_string()).or_default();
             z.nodes += 1;
             if a.takes_work() {
@@ -550,7 +527,7 @@ impl Dispatcher {
                     let bound = map.upper_bound(&tclass, size);
                     let mut nodes_fitting = 0;
                     let mut slots = 0u64;
-                    for a in view.adverts.values().filter(|a| {
+                    for a in view.adverts().values().filter(|a| {
                         &a.zone == zone
                             && a.takes_work()
                             && traits.iter().all(|t| a.traits.contains(t))
@@ -586,7 +563,7 @@ impl Dispatcher {
         Health {
             nats_connected: self.conn.is_connected(),
             caught_up: view.caught_up,
-            nodes: view.adverts.len(),
+            nodes: view.adverts().len(),
             open: view
                 .counts()
                 .into_iter()

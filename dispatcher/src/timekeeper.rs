@@ -101,8 +101,6 @@ impl Dispatcher {
             return "stale";
         }
         match kind {
-            TimerKind::Spill if !current.value.spilled => self.spill(current).await,
-            TimerKind::Spill => "stale",
             TimerKind::Deadline => self.fail_deadline(current).await,
         }
     }
@@ -116,6 +114,7 @@ impl Dispatcher {
         }
         let attempt = r.attempt;
         self.raise_flag(r.shard.class(), r.queued_at, now).await;
+        self.schedule_deadline(r).await;
         match self
             .bus
             .records
@@ -137,7 +136,7 @@ impl Dispatcher {
             return "early";
         }
         let reason = {
-            let adverts: Vec<_> = self.view().adverts.values().cloned().collect();
+            let adverts: Vec<_> = self.view().adverts().values().cloned().collect();
             let r = &current.value;
             let e = explain(&r.spec, &adverts, &r.excluded);
             format!(
@@ -286,7 +285,7 @@ impl Dispatcher {
         let Some(claim) = &r.claim else { return };
         let advert = self
             .view()
-            .adverts
+            .adverts()
             .get(&claim.node)
             .map(|a| (a.epoch, a.started_at));
         let live = match advert {
@@ -398,7 +397,7 @@ impl Dispatcher {
         }
         let mut by_state: HashMap<&'static str, usize> = HashMap::new();
         let mut unalloc = placement::Resources::default();
-        for a in view.adverts.values() {
+        for a in view.adverts().values() {
             *by_state.entry(a.state.as_str()).or_insert(0) += 1;
             unalloc = unalloc.checked_add(&a.unallocated).unwrap_or(unalloc);
         }

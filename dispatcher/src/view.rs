@@ -50,8 +50,7 @@ pub struct View {
     finished: VecDeque<RequestRecord>,
     finished_cap: usize,
     by_node: HashMap<NodeId, BTreeSet<RequestId>>,
-    /// Node adverts by id (change them through `upsert_advert` / `remove_advert`).
-    pub adverts: BTreeMap<NodeId, NodeAdvert>,
+    adverts: BTreeMap<NodeId, NodeAdvert>,
     /// Distinct node shapes (zone, traits, capacity) and how many nodes have each: admission
     /// looks at these, not at every node.
     shapes: HashMap<(placement::Zone, Vec<placement::TraitName>, placement::Resources), usize>,
@@ -246,6 +245,11 @@ impl View {
             let n = n.clone();
             self.unindex(&n, &id);
         }
+    }
+
+    /// Node adverts by id.
+    pub fn adverts(&self) -> &BTreeMap<NodeId, NodeAdvert> {
+        &self.adverts
     }
 
     /// Adds or replaces a node's advert; returns the previous one.
@@ -476,6 +480,42 @@ mod tests {
         );
         let later = view.demand(Timestamp(600_000 + 3_600_000));
         assert!(later.is_empty(), "an hour of silence decays it away");
+    }
+
+    #[test]
+    fn admission_by_node_shapes() {
+        let mut view = View::new(10);
+        let spec = rec("x").spec;
+        assert!(!view.admissible(&spec), "no nodes, no admission");
+        let advert = |id: &str, mem: u64| placement::wire::NodeAdvert {
+            v: 1,
+            node: NodeId::new(id).unwrap(),
+            epoch: placement::Epoch(1),
+            zone: placement::Zone::new("az1").unwrap(),
+            traits: vec![],
+            totals: Resources::new(8, mem, 100),
+            reserved: Resources::default(),
+            ratios: placement::AllocationRatios::default(),
+            capacity: Resources::new(8, mem, 100),
+            unallocated: Resources::new(8, mem, 100),
+            vms: 0,
+            state: placement::wire::NodeState::Active,
+            state_reason: None,
+            overcommitted: false,
+            agent_version: "t".into(),
+            driver: "memory".into(),
+            started_at: Timestamp(0),
+            heartbeat_at: Timestamp(0),
+            public_key: None,
+        };
+        view.upsert_advert(advert("a", 512));
+        assert!(!view.admissible(&spec), "too small");
+        view.upsert_advert(advert("b", 4096));
+        view.upsert_advert(advert("b", 4096)); // a heartbeat
+        assert!(view.admissible(&spec));
+        view.remove_advert(&NodeId::new("b").unwrap());
+        assert!(!view.admissible(&spec));
+        assert_eq!(view.adverts().len(), 1);
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn dispatcher_config(url: &str, opts: &HarnessOptions) -> dispatcher::Config
     c.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     c.topology.lease_ttl = LEASE_TTL;
     c.topology.replicas = if opts.cluster { 3 } else { 1 };
-    c.topology.ack_wait = Duration::from_secs(10);
+    c.topology.ack_wait = Duration::from_secs(5);
     c.sweep_interval = Duration::from_millis(500);
     c.reap_grace = LEASE_TTL;
     c.hint_check_after = Duration::from_secs(5);

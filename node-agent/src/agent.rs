@@ -190,12 +190,11 @@ impl Agent {
                 return;
             }
             let flags: Vec<BacklogFlag> = inner.flags.values().cloned().collect();
-            let mut scratch = inner.ledger.clone();
-            scratch.return_all_credit();
             let input = PlanInput {
                 node: &self.profile,
                 map: &inner.map,
-                ledger: &scratch,
+                ledger: &inner.ledger,
+                ignore_credit: true,
                 outstanding: &[],
                 backlog: &flags,
                 demand: &inner.demand,
@@ -216,9 +215,12 @@ impl Agent {
             let mut desired = plan.pulls;
             let mut cancel = Vec::new();
             for (id, (shard, lane, priority)) in &inner.pulls {
+                // keep a pull whose priority moved by one bucket at most: re-issuing it would cost
+                // a cancel and a pull for little, and a cancel can strand a message in flight
+                // until ack_wait
                 match desired
                     .iter()
-                    .position(|d| &d.shard == shard && d.lane == *lane && d.priority == *priority)
+                    .position(|d| &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1)
                 {
                     Some(i) => {
                         desired.remove(i);

@@ -58,7 +58,7 @@ impl Agent {
             Ok(_) => {
                 let now = common::clock::now();
                 let active = self
-                    .step(&id, None, |a, r| {
+                    .step(&id, Some(building.clone()), |a, r| {
                         a.claim_of(&r.spec.id).map(|c| r.activate(&c, now))
                     })
                     .await;

@@ -68,6 +68,7 @@ impl Agent {
             tracing::warn!(subject = %d.subject, request.id = %hint.id, "refusing hint published under another request's subject");
             return self.drop_stale(&d, pull, "malformed").await;
         }
+        tracing::debug!(request.id = %hint.id, node.id = %self.identity.node, pull = ?pull, delivered = d.delivered, "hint delivered");
         let span = tracing::info_span!("claim", request.id = %hint.id, node.id = %self.identity.node, attempt = hint.attempt);
         let me = self.clone();
         async move { me.claim(pull, d, hint).await }

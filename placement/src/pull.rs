@@ -32,11 +32,11 @@ use crate::wire::{BacklogFlag, DemandEntry};
 /// Default lifetime of one pull request at the server.
 pub const DEFAULT_PULL_EXPIRY: Duration = Duration::from_secs(30);
 /// Default cap on pulls one node keeps outstanding.
-pub const DEFAULT_MAX_PULLS: usize = 24;
+pub const DEFAULT_MAX_PULLS: usize = 32;
 /// Default number of tiers empty nodes join in under pack.
 pub const DEFAULT_OPEN_TIERS: u8 = 4;
 /// Default cap on pulls one node keeps on one class's fit lane.
-pub const DEFAULT_PER_CLASS: usize = 4;
+pub const DEFAULT_PER_CLASS: usize = 8;
 
 /// In which order a node spends its credit on classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -137,6 +137,9 @@ pub struct PlanInput<'a> {
     pub map: &'a ShardMap,
     /// The ledger (capacity, allocations, credit already held).
     pub ledger: &'a NodeLedger,
+    /// Plan as if no credit were held (a node re-planning its whole pull set, whose current
+    /// pulls are the ones it may keep or cancel).
+    pub ignore_credit: bool,
     /// (shard, lane) pairs already outstanding (counted against the per-class cap).
     pub outstanding: &'a [(ShardId, Lane)],
     /// Current backlog flags (any zone; the planner filters).
@@ -165,6 +168,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         node,
         map,
         ledger,
+        ignore_credit,
         outstanding,
         backlog,
         demand,
@@ -173,7 +177,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     } = *input;
     let capacity = ledger.capacity();
     let unallocated = ledger.unallocated();
-    let mut budget = ledger.spare();
+    let mut budget = if ignore_credit { unallocated.clone() } else { ledger.spare() };
     let mut out = PullPlan::default();
     let mut slots = cfg.max_pulls.saturating_sub(outstanding.len());
     if slots == 0 {
@@ -439,6 +443,7 @@ mod tests {
             node,
             map,
             ledger,
+            ignore_credit: false,
             outstanding,
             backlog,
             demand: &[],
@@ -615,6 +620,7 @@ mod tests {
             node: &node,
             map: &map,
             ledger: &ledger,
+            ignore_credit: false,
             outstanding: &[],
             backlog: &[],
             demand: &demand,
@@ -656,6 +662,7 @@ mod tests {
                     node: &node,
                     map: &map,
                     ledger: &ledger,
+                    ignore_credit: false,
                     outstanding: &[],
                     backlog: std::slice::from_ref(&f),
                     demand: &[],

@@ -330,9 +330,8 @@ pub struct Timer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimerKind {
-    /// The class deadline: spill the hint to near-fit takers.
-    Spill,
-    /// The final deadline: answer `failed` with an explanation.
+    /// The final deadline: answer `failed` with an explanation. Set when a request waits past
+    /// its class deadline (spill-over), so requests placed at once never cost a timer.
     Deadline,
 }
 
@@ -340,7 +339,6 @@ impl TimerKind {
     /// Stable name used in subjects.
     pub fn as_str(self) -> &'static str {
         match self {
-            TimerKind::Spill => "spill",
             TimerKind::Deadline => "deadline",
         }
     }

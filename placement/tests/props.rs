@@ -90,7 +90,7 @@ proptest! {
         let mut ledger = NodeLedger::new(Resources::new(64, 512 * 1024, 4000), Resources::default(), AllocationRatios::default()).unwrap();
         let _ = ledger.reserve(&rid(0), &used, None);
         let cfg = PullConfig { order, open_tiers: 1, ..Default::default() };
-        let input = PlanInput { node: &node, map: &map, ledger: &ledger, outstanding: &[], backlog: &[], demand: &[], cfg: &cfg, now: Timestamp(0) };
+        let input = PlanInput { node: &node, map: &map, ledger: &ledger, ignore_credit: false, outstanding: &[], backlog: &[], demand: &[], cfg: &cfg, now: Timestamp(0) };
         let plan = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
         let mut total_credit = Resources::default();
         for intent in &plan.pulls {

@@ -1,0 +1,183 @@
+//! `updraft-bench`: updraft's NATS path, measured in one run. Places N requests on K
+//! in-process agents through real nats-server(s) and reports placements per second, latency,
+//! what each placement costs the broker, idle load per 1,000 agents, packing quality, and the
+//! raw JetStream work-queue rate of the same broker as the denominator. Results go to stdout
+//! as the markdown BENCHMARKS.md holds.
+
+mod broker;
+mod cluster;
+mod place;
+mod raw;
+
+use std::time::Duration;
+
+use clap::Parser;
+use placement::Resources;
+
+use crate::cluster::Cluster;
+use crate::place::{PlaceOpts, PlaceResult};
+
+/// Benchmarks of the NATS path.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Cli {
+    /// Requests in the throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Agents in the throughput run.
+    #[arg(long, default_value_t = 10)]
+    agents: usize,
+    /// Creates in flight at once in the throughput run.
+    #[arg(long, default_value_t = 512)]
+    concurrency: usize,
+    /// Rate of the latency run (requests per second) and its length in seconds.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Length of the latency run, seconds.
+    #[arg(long, default_value_t = 10)]
+    rate_secs: u64,
+    /// Agents of the scaling run (cost per placement at K agents vs the throughput run's).
+    #[arg(long, default_value_t = 1000)]
+    scale_agents: usize,
+    /// Requests of the scaling runs.
+    #[arg(long, default_value_t = 10_000)]
+    scale_requests: usize,
+    /// Seconds of the idle measurement.
+    #[arg(long, default_value_t = 20)]
+    idle_secs: u64,
+    /// Skip the 3-server R3 runs.
+    #[arg(long)]
+    no_cluster: bool,
+    /// Only the throughput run, with these pull settings (experiments): per-class pulls.
+    #[arg(long)]
+    per_class: Option<usize>,
+    /// Experiments: tiers empty nodes open in.
+    #[arg(long)]
+    open_tiers: Option<u8>,
+}
+
+fn row(name: &str, r: &PlaceResult) -> String {
+    format!(
+        "| {name} | {:.0} | {} / {} | {} / {} | {:.2} | {:.1} | {:.3} | {:.3} | {} / {} |",
+        r.rate,
+        r.to_claim.0,
+        r.to_claim.1,
+        r.to_active.0,
+        r.to_active.1,
+        r.stored,
+        r.messages,
+        r.cpu * 1000.0,
+        r.client_cpu * 1000.0,
+        r.hosts,
+        r.lower_bound
+    )
+}
+
+async fn throughput(cluster_mode: bool, agents: usize, node: &Resources, opts: &PlaceOpts) -> anyhow::Result<(PlaceResult, f64)> {
+    let c = Cluster::start(cluster_mode, agents, node.clone()).await?;
+    let r = place::run(&c, node, opts).await?;
+    let raw = raw::rate(&c.broker.url(), c.broker.replicas(), opts.requests.min(20_000), agents).await?;
+    c.stop().await;
+    Ok((r, raw))
+}
+
+async fn idle(agents: usize, secs: u64, node: &Resources) -> anyhow::Result<(f64, f64)> {
+    let c = Cluster::start(false, agents, node.clone()).await?;
+    // let joins and the first plans settle
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let clients = c.clients();
+    let cpu0 = c.broker.cpu();
+    let (o0, i0) = broker::client_messages(&clients);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let cpu = c.broker.cpu() - cpu0;
+    let (o1, i1) = broker::client_messages(&clients);
+    c.stop().await;
+    #[allow(clippy::cast_precision_loss)] // rates for a report
+    let per_k = 1000.0 / agents as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let msgs = ((o1 - o0) + (i1 - i0)) as f64 / secs as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_share = cpu / secs as f64;
+    Ok((cpu_share * per_k, msgs * per_k))
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<()> {
+    // hosts that could each hold a whole run: capacity never limits a run (and never makes
+    // requests wait for another tier of empty hosts to open), and the hosts a run uses show
+    // how pack concentrates a burst (against the bin-packing lower bound)
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a request count
+    let rate_requests = (cli.rate * cli.rate_secs as f64) as usize;
+    let n = u32::try_from(cli.requests.max(cli.scale_requests).max(rate_requests)).unwrap_or(u32::MAX);
+    let per_request = Resources::new(2, 2048, 20); // m1.small, the mix's largest common shape
+    let node = Resources::new(per_request.vcpus * n, per_request.memory_mib * u64::from(n), per_request.disk_gib * u64::from(n));
+    let mut lines = vec![
+        "| run | placements/s | submit→claimed p50 / p99 (ms) | submit→active p50 / p99 (ms) | stored writes / placement | NATS messages / placement | broker CPU ms / placement | dispatcher + agents CPU ms / placement | hosts used / lower bound |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    let mut notes = Vec::new();
+    let opts = PlaceOpts { requests: cli.requests, concurrency: cli.concurrency, rate: None, prefix: "t".into() };
+    if cli.per_class.is_some() || cli.open_tiers.is_some() {
+        let mut pull = placement::pull::PullConfig::default();
+        pull.per_class = cli.per_class.unwrap_or(pull.per_class);
+        pull.open_tiers = cli.open_tiers.unwrap_or(pull.open_tiers);
+        let c = Cluster::start_with(false, cli.agents, node.clone(), &pull).await?;
+        let r = place::run(&c, &node, &opts).await?;
+        c.stop().await;
+        println!("{}", row(&format!("experiment per_class={} open_tiers={}", pull.per_class, pull.open_tiers), &r));
+        return Ok(());
+    }
+    let (t, raw) = throughput(false, cli.agents, &node, &opts).await?;
+    eprintln!("throughput: {t:?} raw {raw:.0}/s");
+    lines.push(row(&format!("1 server, {} req, K={} (as fast as accepted)", cli.requests, cli.agents), &t));
+    notes.push(format!("throughput run: {} placed in {:.1} s", t.placed, t.secs));
+    notes.push(format!("raw JetStream work-queue rate on the same server (publish → fetch → ack, batch 1, {} workers): {raw:.0} msg/s; updraft end to end: {:.0} placements/s = {:.0}% of raw", cli.agents, t.rate, 100.0 * t.rate / raw));
+    notes.push(format!("stored writes per placement by where they go: {}", t.stored_by_group.iter().map(|(g, v)| format!("{g} {v:.2}")).collect::<Vec<_>>().join(", ")));
+    let rate_opts = PlaceOpts { requests: rate_requests, concurrency: cli.concurrency, rate: Some(cli.rate), prefix: "r".into() };
+    let c = Cluster::start(false, cli.agents, node.clone()).await?;
+    let r = place::run(&c, &node, &rate_opts).await?;
+    c.stop().await;
+    eprintln!("rate: {r:?}");
+    lines.push(row(&format!("1 server, {:.0} req/s for {} s, K={}", cli.rate, cli.rate_secs, cli.agents), &r));
+    let scale_opts = PlaceOpts { requests: cli.scale_requests, concurrency: cli.concurrency, rate: Some(cli.rate), prefix: "s".into() };
+    let small = Cluster::start(false, 10, node.clone()).await?;
+    let s10 = place::run(&small, &node, &scale_opts).await?;
+    small.stop().await;
+    let big = Cluster::start(false, cli.scale_agents, node.clone()).await?;
+    let sk = place::run(&big, &node, &scale_opts).await?;
+    big.stop().await;
+    eprintln!("scale: {s10:?} {sk:?}");
+    lines.push(row(&format!("1 server, {} req at {:.0}/s, K=10", cli.scale_requests, cli.rate), &s10));
+    lines.push(row(&format!("1 server, {} req at {:.0}/s, K={}", cli.scale_requests, cli.rate, cli.scale_agents), &sk));
+    notes.push(format!(
+        "cost per placement at K={} vs K=10: broker CPU {:.2}×, NATS messages {:.2}×, stored writes {:.2}×",
+        cli.scale_agents,
+        sk.cpu / s10.cpu.max(1e-9),
+        sk.messages / s10.messages.max(1e-9),
+        sk.stored / s10.stored.max(1e-9)
+    ));
+    let (idle_cpu, idle_msgs) = idle(cli.scale_agents, cli.idle_secs, &node).await?;
+    notes.push(format!(
+        "idle load per 1,000 idle agents (heartbeats, pull re-issues): {:.1}% of one broker core, {idle_msgs:.0} NATS messages/s",
+        idle_cpu * 100.0
+    ));
+    if !cli.no_cluster {
+        let opts = PlaceOpts { requests: cli.requests / 2, concurrency: cli.concurrency, rate: None, prefix: "c".into() };
+        let (t3, raw3) = throughput(true, cli.agents, &node, &opts).await?;
+        eprintln!("cluster: {t3:?} raw {raw3:.0}/s");
+        lines.push(row(&format!("3 servers R3, {} req, K={}", opts.requests, cli.agents), &t3));
+        notes.push(format!("raw rate on the R3 cluster: {raw3:.0} msg/s; updraft: {:.0} placements/s = {:.0}% of raw", t3.rate, 100.0 * t3.rate / raw3));
+    }
+    println!("{}", lines.join("\n"));
+    println!();
+    for n in notes {
+        println!("- {n}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    common::telemetry::init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(main_async(cli))
+}
