@@ -9,9 +9,13 @@ use futures::StreamExt;
 
 /// CPU seconds (user + system) a process has used, from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
     // the command name may hold spaces: fields start after the closing parenthesis
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // after ')': state is field 0, utime field 11, stime field 12
@@ -35,7 +39,10 @@ pub async fn stored(js: &jetstream::Context) -> anyhow::Result<BTreeMap<String, 
 pub fn client_messages(clients: &[async_nats::Client]) -> (u64, u64) {
     clients.iter().fold((0, 0), |(o, i), c| {
         let s = c.statistics();
-        (o + s.out_messages.load(Ordering::Relaxed), i + s.in_messages.load(Ordering::Relaxed))
+        (
+            o + s.out_messages.load(Ordering::Relaxed),
+            i + s.in_messages.load(Ordering::Relaxed),
+        )
     })
 }
 
@@ -59,7 +66,10 @@ pub fn group(stream: &str) -> &'static str {
 }
 
 /// Stored messages per group between two snapshots.
-pub fn delta_by_group(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<&'static str, u64> {
+pub fn delta_by_group(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<&'static str, u64> {
     let mut m = BTreeMap::new();
     for (name, a) in after {
         let b = before.get(name).copied().unwrap_or(0);

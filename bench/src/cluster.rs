@@ -18,7 +18,11 @@ pub enum Broker {
 impl Broker {
     /// Starts one server or a 3-server cluster.
     pub fn start(cluster: bool) -> anyhow::Result<Broker> {
-        Ok(if cluster { Broker::Cluster(NatsCluster::start(3)?) } else { Broker::Single(NatsServer::start(ServerOptions::default())?) })
+        Ok(if cluster {
+            Broker::Cluster(NatsCluster::start(3)?)
+        } else {
+            Broker::Single(NatsServer::start(ServerOptions::default())?)
+        })
     }
 
     /// Client URL(s).
@@ -33,7 +37,12 @@ impl Broker {
     pub fn cpu(&self) -> f64 {
         match self {
             Broker::Single(s) => s.pid().map(crate::broker::cpu_seconds).unwrap_or(0.0),
-            Broker::Cluster(c) => c.servers.iter().filter_map(NatsServer::pid).map(crate::broker::cpu_seconds).sum(),
+            Broker::Cluster(c) => c
+                .servers
+                .iter()
+                .filter_map(NatsServer::pid)
+                .map(crate::broker::cpu_seconds)
+                .sum(),
         }
     }
 
@@ -60,11 +69,22 @@ pub struct Cluster {
 impl Cluster {
     /// Starts everything: `agents` agents of size `node`, all taking work.
     pub async fn start(cluster: bool, agents: usize, node: Resources) -> anyhow::Result<Cluster> {
-        Self::start_with(cluster, agents, node, &placement::pull::PullConfig::default()).await
+        Self::start_with(
+            cluster,
+            agents,
+            node,
+            &placement::pull::PullConfig::default(),
+        )
+        .await
     }
 
     /// Like [`Cluster::start`] with the agents' pull settings given.
-    pub async fn start_with(cluster: bool, agents: usize, node: Resources, pull: &placement::pull::PullConfig) -> anyhow::Result<Cluster> {
+    pub async fn start_with(
+        cluster: bool,
+        agents: usize,
+        node: Resources,
+        pull: &placement::pull::PullConfig,
+    ) -> anyhow::Result<Cluster> {
         let broker = Broker::start(cluster)?;
         let url = broker.url();
         let mut dc = dispatcher::Config::default();
@@ -90,8 +110,16 @@ impl Cluster {
             let mut c = node_agent::config::Config {
                 node_id: Some(format!("bench-{i:05}")),
                 state_dir: dir.path().join(format!("a{i}")),
-                reserved: node_agent::config::ReservedConfig { vcpus: 0, memory_mib: 0, disk_gib: 0 },
-                ratios: placement::AllocationRatios { cpu: 1.0, ram: 1.0, disk: 1.0 },
+                reserved: node_agent::config::ReservedConfig {
+                    vcpus: 0,
+                    memory_mib: 0,
+                    disk_gib: 0,
+                },
+                ratios: placement::AllocationRatios {
+                    cpu: 1.0,
+                    ram: 1.0,
+                    disk: 1.0,
+                },
                 capacity: node_agent::config::CapacityConfig {
                     vcpus: Some(node.vcpus),
                     memory_mib: Some(node.memory_mib),
@@ -103,7 +131,10 @@ impl Cluster {
             c.nats.url = url.clone();
             c.driver.memory.build_time = Duration::ZERO;
             c.pull = pull.clone();
-            let deps = node_agent::Deps { driver: None, capacity: Some(Box::new(node_agent::capacity::Fixed(node.clone()))) };
+            let deps = node_agent::Deps {
+                driver: None,
+                capacity: Some(Box::new(node_agent::capacity::Fixed(node.clone()))),
+            };
             pending.push(node_agent::start(c, deps, CancellationToken::new()));
             if pending.len() >= 32 {
                 if let Some(a) = futures::StreamExt::next(&mut pending).await {
@@ -121,7 +152,12 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Cluster { broker, dispatcher, agents: out, _dir: dir })
+        Ok(Cluster {
+            broker,
+            dispatcher,
+            agents: out,
+            _dir: dir,
+        })
     }
 
     /// Every client (for message counts).

@@ -73,10 +73,21 @@ fn row(name: &str, r: &PlaceResult) -> String {
     )
 }
 
-async fn throughput(cluster_mode: bool, agents: usize, node: &Resources, opts: &PlaceOpts) -> anyhow::Result<(PlaceResult, f64)> {
+async fn throughput(
+    cluster_mode: bool,
+    agents: usize,
+    node: &Resources,
+    opts: &PlaceOpts,
+) -> anyhow::Result<(PlaceResult, f64)> {
     let c = Cluster::start(cluster_mode, agents, node.clone()).await?;
     let r = place::run(&c, node, opts).await?;
-    let raw = raw::rate(&c.broker.url(), c.broker.replicas(), opts.requests.min(20_000), agents).await?;
+    let raw = raw::rate(
+        &c.broker.url(),
+        c.broker.replicas(),
+        opts.requests.min(20_000),
+        agents,
+    )
+    .await?;
     c.stop().await;
     Ok((r, raw))
 }
@@ -107,15 +118,25 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
     // how pack concentrates a burst (against the bin-packing lower bound)
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a request count
     let rate_requests = (cli.rate * cli.rate_secs as f64) as usize;
-    let n = u32::try_from(cli.requests.max(cli.scale_requests).max(rate_requests)).unwrap_or(u32::MAX);
+    let n =
+        u32::try_from(cli.requests.max(cli.scale_requests).max(rate_requests)).unwrap_or(u32::MAX);
     let per_request = Resources::new(2, 2048, 20); // m1.small, the mix's largest common shape
-    let node = Resources::new(per_request.vcpus * n, per_request.memory_mib * u64::from(n), per_request.disk_gib * u64::from(n));
+    let node = Resources::new(
+        per_request.vcpus * n,
+        per_request.memory_mib * u64::from(n),
+        per_request.disk_gib * u64::from(n),
+    );
     let mut lines = vec![
         "| run | placements/s | submit→claimed p50 / p99 (ms) | submit→active p50 / p99 (ms) | stored writes / placement | NATS messages / placement | broker CPU ms / placement | dispatcher + agents CPU ms / placement | hosts used / lower bound |".to_string(),
         "|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     let mut notes = Vec::new();
-    let opts = PlaceOpts { requests: cli.requests, concurrency: cli.concurrency, rate: None, prefix: "t".into() };
+    let opts = PlaceOpts {
+        requests: cli.requests,
+        concurrency: cli.concurrency,
+        rate: None,
+        prefix: "t".into(),
+    };
     if cli.per_class.is_some() || cli.open_tiers.is_some() {
         let mut pull = placement::pull::PullConfig::default();
         pull.per_class = cli.per_class.unwrap_or(pull.per_class);
@@ -123,22 +144,63 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         let c = Cluster::start_with(false, cli.agents, node.clone(), &pull).await?;
         let r = place::run(&c, &node, &opts).await?;
         c.stop().await;
-        println!("{}", row(&format!("experiment per_class={} open_tiers={}", pull.per_class, pull.open_tiers), &r));
+        println!(
+            "{}",
+            row(
+                &format!(
+                    "experiment per_class={} open_tiers={}",
+                    pull.per_class, pull.open_tiers
+                ),
+                &r
+            )
+        );
         return Ok(());
     }
     let (t, raw) = throughput(false, cli.agents, &node, &opts).await?;
     eprintln!("throughput: {t:?} raw {raw:.0}/s");
-    lines.push(row(&format!("1 server, {} req, K={} (as fast as accepted)", cli.requests, cli.agents), &t));
-    notes.push(format!("throughput run: {} placed in {:.1} s", t.placed, t.secs));
+    lines.push(row(
+        &format!(
+            "1 server, {} req, K={} (as fast as accepted)",
+            cli.requests, cli.agents
+        ),
+        &t,
+    ));
+    notes.push(format!(
+        "throughput run: {} placed in {:.1} s",
+        t.placed, t.secs
+    ));
     notes.push(format!("raw JetStream work-queue rate on the same server (publish → fetch → ack, batch 1, {} workers): {raw:.0} msg/s; updraft end to end: {:.0} placements/s = {:.0}% of raw", cli.agents, t.rate, 100.0 * t.rate / raw));
-    notes.push(format!("stored writes per placement by where they go: {}", t.stored_by_group.iter().map(|(g, v)| format!("{g} {v:.2}")).collect::<Vec<_>>().join(", ")));
-    let rate_opts = PlaceOpts { requests: rate_requests, concurrency: cli.concurrency, rate: Some(cli.rate), prefix: "r".into() };
+    notes.push(format!(
+        "stored writes per placement by where they go: {}",
+        t.stored_by_group
+            .iter()
+            .map(|(g, v)| format!("{g} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let rate_opts = PlaceOpts {
+        requests: rate_requests,
+        concurrency: cli.concurrency,
+        rate: Some(cli.rate),
+        prefix: "r".into(),
+    };
     let c = Cluster::start(false, cli.agents, node.clone()).await?;
     let r = place::run(&c, &node, &rate_opts).await?;
     c.stop().await;
     eprintln!("rate: {r:?}");
-    lines.push(row(&format!("1 server, {:.0} req/s for {} s, K={}", cli.rate, cli.rate_secs, cli.agents), &r));
-    let scale_opts = PlaceOpts { requests: cli.scale_requests, concurrency: cli.concurrency, rate: Some(cli.rate), prefix: "s".into() };
+    lines.push(row(
+        &format!(
+            "1 server, {:.0} req/s for {} s, K={}",
+            cli.rate, cli.rate_secs, cli.agents
+        ),
+        &r,
+    ));
+    let scale_opts = PlaceOpts {
+        requests: cli.scale_requests,
+        concurrency: cli.concurrency,
+        rate: Some(cli.rate),
+        prefix: "s".into(),
+    };
     let small = Cluster::start(false, 10, node.clone()).await?;
     let s10 = place::run(&small, &node, &scale_opts).await?;
     small.stop().await;
@@ -146,8 +208,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
     let sk = place::run(&big, &node, &scale_opts).await?;
     big.stop().await;
     eprintln!("scale: {s10:?} {sk:?}");
-    lines.push(row(&format!("1 server, {} req at {:.0}/s, K=10", cli.scale_requests, cli.rate), &s10));
-    lines.push(row(&format!("1 server, {} req at {:.0}/s, K={}", cli.scale_requests, cli.rate, cli.scale_agents), &sk));
+    lines.push(row(
+        &format!(
+            "1 server, {} req at {:.0}/s, K=10",
+            cli.scale_requests, cli.rate
+        ),
+        &s10,
+    ));
+    lines.push(row(
+        &format!(
+            "1 server, {} req at {:.0}/s, K={}",
+            cli.scale_requests, cli.rate, cli.scale_agents
+        ),
+        &sk,
+    ));
     notes.push(format!(
         "cost per placement at K={} vs K=10: broker CPU {:.2}×, NATS messages {:.2}×, stored writes {:.2}×",
         cli.scale_agents,
@@ -161,10 +235,18 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         idle_cpu * 100.0
     ));
     if !cli.no_cluster {
-        let opts = PlaceOpts { requests: cli.requests / 2, concurrency: cli.concurrency, rate: None, prefix: "c".into() };
+        let opts = PlaceOpts {
+            requests: cli.requests / 2,
+            concurrency: cli.concurrency,
+            rate: None,
+            prefix: "c".into(),
+        };
         let (t3, raw3) = throughput(true, cli.agents, &node, &opts).await?;
         eprintln!("cluster: {t3:?} raw {raw3:.0}/s");
-        lines.push(row(&format!("3 servers R3, {} req, K={}", opts.requests, cli.agents), &t3));
+        lines.push(row(
+            &format!("3 servers R3, {} req, K={}", opts.requests, cli.agents),
+            &t3,
+        ));
         notes.push(format!("raw rate on the R3 cluster: {raw3:.0} msg/s; updraft: {:.0} placements/s = {:.0}% of raw", t3.rate, 100.0 * t3.rate / raw3));
     }
     println!("{}", lines.join("\n"));
@@ -178,6 +260,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     common::telemetry::init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(main_async(cli))
 }

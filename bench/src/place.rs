@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bus::records::RecordEvent;
 use futures::StreamExt;
-use placement::lifecycle::{RequestRecord, State};
 use placement::Resources;
+use placement::lifecycle::{RequestRecord, State};
 
 use crate::cluster::Cluster;
 
@@ -61,7 +61,11 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
         return 0;
     }
     v.sort_unstable();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)] // an index
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )] // an index
     let i = ((v.len() - 1) as f64 * p).round() as usize;
     v[i]
 }
@@ -91,7 +95,14 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
     let me0 = crate::broker::cpu_seconds(std::process::id());
     let t0 = tokio::time::Instant::now();
     let bodies: Vec<Vec<u8>> = (0..opts.requests)
-        .map(|i| format!(r#"{{"id":"{}-{i:07}","flavor":"{}"}}"#, opts.prefix, MIX[i % MIX.len()]).into_bytes())
+        .map(|i| {
+            format!(
+                r#"{{"id":"{}-{i:07}","flavor":"{}"}}"#,
+                opts.prefix,
+                MIX[i % MIX.len()]
+            )
+            .into_bytes()
+        })
         .collect();
     let submit = async {
         match opts.rate {
@@ -148,14 +159,31 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
             eprintln!("KV holds {} records: {by:?}", all.len());
             for st in d.shards().await.map_err(|e| anyhow::anyhow!("{e}"))? {
                 if st.messages > 0 || st.fit.waiting_pulls > 0 || st.fit.ack_pending > 0 {
-                    eprintln!("{} msgs {} fit {:?} spill {:?}", st.stream, st.messages, st.fit, st.spill);
+                    eprintln!(
+                        "{} msgs {} fit {:?} spill {:?}",
+                        st.stream, st.messages, st.fit, st.spill
+                    );
                 }
             }
             let flags = d.flags.lock().expect("flags").clone();
-            eprintln!("flags: {:?}", flags.values().map(|f| (f.class.to_string(), f.depth)).collect::<Vec<_>>());
+            eprintln!(
+                "flags: {:?}",
+                flags
+                    .values()
+                    .map(|f| (f.class.to_string(), f.depth))
+                    .collect::<Vec<_>>()
+            );
             for a in &c.agents {
                 let inner = a.lock();
-                eprintln!("{} state {:?} pulls {} unalloc {} holding {:?} demand {:?}", a.identity.node, inner.mode.state(), inner.pulls.len(), inner.ledger.unallocated(), inner.holding, inner.demand.len());
+                eprintln!(
+                    "{} state {:?} pulls {} unalloc {} holding {:?} demand {:?}",
+                    a.identity.node,
+                    inner.mode.state(),
+                    inner.pulls.len(),
+                    inner.ledger.unallocated(),
+                    inner.holding,
+                    inner.demand.len()
+                );
             }
         }
         anyhow::ensure!(
@@ -171,17 +199,52 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
     let me = crate::broker::cpu_seconds(std::process::id()) - me0;
     let (out1, in1) = crate::broker::client_messages(&clients);
     let stored1 = crate::broker::stored(&js).await?;
-    let recs: Vec<RequestRecord> = records(c).await?.into_iter().filter(|r| r.spec.id.as_str().starts_with(&opts.prefix)).collect();
-    let mut claim: Vec<u64> = recs.iter().filter_map(|r| r.history.iter().find(|h| h.to == State::Claimed).map(|h| h.at.since(r.queued_at).as_millis().try_into().unwrap_or(u64::MAX))).collect();
-    let mut active: Vec<u64> = recs.iter().filter_map(|r| r.active_at.map(|a| a.since(r.queued_at).as_millis().try_into().unwrap_or(u64::MAX))).collect();
+    let recs: Vec<RequestRecord> = records(c)
+        .await?
+        .into_iter()
+        .filter(|r| r.spec.id.as_str().starts_with(&opts.prefix))
+        .collect();
+    let mut claim: Vec<u64> = recs
+        .iter()
+        .filter_map(|r| {
+            r.history.iter().find(|h| h.to == State::Claimed).map(|h| {
+                h.at.since(r.queued_at)
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX)
+            })
+        })
+        .collect();
+    let mut active: Vec<u64> = recs
+        .iter()
+        .filter_map(|r| {
+            r.active_at.map(|a| {
+                a.since(r.queued_at)
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX)
+            })
+        })
+        .collect();
     if std::env::var_os("UPDRAFT_BENCH_DEBUG").is_some() {
         let mut slow: Vec<&RequestRecord> = recs.iter().filter(|r| r.active_at.is_some()).collect();
         slow.sort_by_key(|r| std::cmp::Reverse(r.active_at.map(|a| a.since(r.queued_at))));
         for r in slow.iter().take(5) {
-            eprintln!("slow {}: {:?} {:?}", r.spec.id, r.active_at.map(|a| a.since(r.queued_at)), r.history.iter().map(|h| (h.to, h.at.since(r.queued_at))).collect::<Vec<_>>());
+            eprintln!(
+                "slow {}: {:?} {:?}",
+                r.spec.id,
+                r.active_at.map(|a| a.since(r.queued_at)),
+                r.history
+                    .iter()
+                    .map(|h| (h.to, h.at.since(r.queued_at)))
+                    .collect::<Vec<_>>()
+            );
         }
     }
-    let hosts: BTreeSet<String> = recs.iter().filter_map(|r| r.node().map(ToString::to_string)).collect();
+    let hosts: BTreeSet<String> = recs
+        .iter()
+        .filter_map(|r| r.node().map(ToString::to_string))
+        .collect();
     let mut total = Resources::default();
     for r in &recs {
         total = total.checked_add(&r.spec.resources)?;
@@ -207,7 +270,10 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
         to_claim: (pct(&mut claim, 0.5), pct(&mut claim, 0.99)),
         to_active: (pct(&mut active, 0.5), pct(&mut active, 0.99)),
         stored: stored_total / n,
-        stored_by_group: by_group.into_iter().map(|(g, v)| (g, v as f64 / n)).collect(),
+        stored_by_group: by_group
+            .into_iter()
+            .map(|(g, v)| (g, v as f64 / n))
+            .collect(),
         messages: ((out1 - out0) + (in1 - in0)) as f64 / n,
         cpu: cpu / n,
         client_cpu: me / n,

@@ -1,15 +1,20 @@
 //! The denominator: the raw JetStream work-queue rate on the same broker, with the same
 //! number of workers: publish → fetch (batch 1) → ack, file storage.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 
 /// Messages per second through publish → fetch → ack with `workers` workers.
-pub async fn rate(url: &str, replicas: usize, messages: usize, workers: usize) -> anyhow::Result<f64> {
+pub async fn rate(
+    url: &str,
+    replicas: usize,
+    messages: usize,
+    workers: usize,
+) -> anyhow::Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream("BENCH_RAW").await;
@@ -40,10 +45,19 @@ pub async fn rate(url: &str, replicas: usize, messages: usize, workers: usize) -
         tasks.push(tokio::spawn(async move {
             let client = async_nats::connect(url).await?;
             let js = jetstream::new(client);
-            let c: jetstream::consumer::PullConsumer =
-                js.get_stream("BENCH_RAW").await?.get_consumer("w").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let c: jetstream::consumer::PullConsumer = js
+                .get_stream("BENCH_RAW")
+                .await?
+                .get_consumer("w")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             while done.load(Ordering::Relaxed) < messages {
-                let mut batch = c.batch().max_messages(1).expires(Duration::from_millis(500)).messages().await?;
+                let mut batch = c
+                    .batch()
+                    .max_messages(1)
+                    .expires(Duration::from_millis(500))
+                    .messages()
+                    .await?;
                 while let Some(m) = batch.next().await {
                     let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
                     m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -57,7 +71,11 @@ pub async fn rate(url: &str, replicas: usize, messages: usize, workers: usize) -
     let publisher = async {
         let mut acks = futures::stream::FuturesUnordered::new();
         for i in 0..messages {
-            acks.push(js.publish(format!("bench.raw.{}", i % 64), "x".into()).await?.into_future());
+            acks.push(
+                js.publish(format!("bench.raw.{}", i % 64), "x".into())
+                    .await?
+                    .into_future(),
+            );
             if acks.len() >= 256 {
                 if let Some(a) = acks.next().await {
                     a?;

@@ -112,7 +112,9 @@ impl Kv {
             } else {
                 Raw::Value(m.payload, m.sequence)
             })),
-            Err(e) if e.to_string().contains("not found") => Ok(None),
+            // only "no message for this subject" means absent; a stream that is between leaders
+            // also says "not found" in its own way, and must not read as a deleted key
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(BusError::nats(
                 format!("leader get {}/{key}", self.bucket),
                 e,

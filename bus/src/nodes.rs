@@ -31,6 +31,8 @@ pub enum NodeEvent {
         /// Why.
         error: String,
     },
+    /// The watcher has delivered every advert that existed when it started.
+    Caught,
 }
 
 fn decode_advert(key: &str, bytes: &[u8]) -> Result<NodeAdvert, BusError> {
@@ -97,36 +99,47 @@ impl NodeStore {
         Ok(out)
     }
 
-    /// Every change, starting with the current adverts.
+    /// Every change, starting with the current adverts and a [`NodeEvent::Caught`] marker once
+    /// those are delivered.
     pub async fn watch_all(&self) -> Result<BoxStream<'static, NodeEvent>, BusError> {
+        let empty = self.kv.snapshot_is_empty().await?;
         let watch = self
             .kv
             .store()
             .watch_with_history(">")
             .await
             .map_err(|e| BusError::nats("watch nodes", e))?;
-        Ok(watch
-            .filter_map(|entry| async move {
-                match entry {
-                    Ok(e) => Some(match e.operation {
+        // an empty bucket yields nothing until its first write: say "caught up" at once
+        let head = futures::stream::iter(empty.then_some(NodeEvent::Caught));
+        let mut caught = empty;
+        let tail = watch.flat_map(move |entry| {
+            let mut out = Vec::with_capacity(2);
+            match entry {
+                Ok(e) => {
+                    out.push(match e.operation {
                         kv::Operation::Put => match decode_advert(&e.key, &e.value) {
                             Ok(value) => NodeEvent::Put(Box::new(Versioned {
                                 value,
                                 revision: e.revision,
                             })),
                             Err(err) => NodeEvent::Undecodable {
-                                key: e.key,
+                                key: e.key.clone(),
                                 error: err.to_string(),
                             },
                         },
-                        _ => NodeEvent::Gone(e.key),
-                    }),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "node watch error; the watcher recovers");
-                        None
+                        _ => NodeEvent::Gone(e.key.clone()),
+                    });
+                    if !caught && e.delta == 0 {
+                        caught = true;
+                        out.push(NodeEvent::Caught);
                     }
                 }
-            })
-            .boxed())
+                Err(err) => {
+                    tracing::warn!(error = %err, "node watch error; the watcher recovers")
+                }
+            }
+            futures::stream::iter(out)
+        });
+        Ok(head.chain(tail).boxed())
     }
 }

@@ -55,6 +55,7 @@ fn advert(node: &str, epoch: u64) -> NodeAdvert {
         capacity: Resources::new(32, 16384, 100),
         unallocated: Resources::new(32, 16384, 100),
         vms: 0,
+        building: 0,
         state: NodeState::Active,
         state_reason: None,
         overcommitted: false,

@@ -153,6 +153,25 @@ pub async fn start(
             }
         });
     }
+    // serve once the view holds what KV holds (bounded: a huge bucket still gets an API that
+    // answers, with admission deferred until the adverts are in)
+    let caught_up = async {
+        loop {
+            {
+                let v = d.view();
+                if v.caught_up && v.nodes_caught_up {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), caught_up)
+        .await
+        .is_err()
+    {
+        tracing::warn!("serving before the view caught up with KV");
+    }
     let listener = tokio::net::TcpListener::bind(d.cfg.http_listen)
         .await
         .with_context(|| format!("bind the HTTP API on {}", d.cfg.http_listen))?;

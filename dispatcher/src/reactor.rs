@@ -148,7 +148,11 @@ impl Dispatcher {
                 match ev {
                     NodeEvent::Put(a) => {
                         let a = a.value;
-                        let prev = self.view.write().expect("view lock").upsert_advert(a.clone());
+                        let prev = self
+                            .view
+                            .write()
+                            .expect("view lock")
+                            .upsert_advert(a.clone());
                         match prev {
                             None => {
                                 tracing::info!(node.id = %a.node, epoch = %a.epoch, zone = %a.zone, "node joined")
@@ -168,6 +172,13 @@ impl Dispatcher {
                         let me = self.clone();
                         self.tasks
                             .spawn(async move { me.reap_node(&node, None).await });
+                    }
+                    NodeEvent::Caught => {
+                        let mut view = self.view.write().expect("view lock");
+                        if !view.nodes_caught_up {
+                            view.nodes_caught_up = true;
+                            tracing::info!(nodes = view.adverts().len(), "node view caught up");
+                        }
                     }
                     NodeEvent::Undecodable { key, error } => {
                         metrics::counter!(m::HOSTILE, "kind" => "advert").increment(1);

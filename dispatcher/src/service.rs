@@ -155,7 +155,11 @@ impl Dispatcher {
         let refusal = {
             let view = self.view();
             // admission walks distinct node shapes; the full explanation only when refusing
-            if view.admissible(&spec) { None } else { Some(explain(&spec, view.adverts().values(), &[]).summary) }
+            if !view.nodes_caught_up || view.admissible(&spec) {
+                None
+            } else {
+                Some(explain(&spec, view.adverts().values(), &[]).summary)
+            }
         };
         let mut record = RequestRecord::new_queued(spec, shard, now);
         if let Some(summary) = refusal {
@@ -270,7 +274,13 @@ impl Dispatcher {
     /// deadline. (Requests placed within their class deadline, nearly all of them, never cost
     /// a timer; the sweep finds the others and calls this as it spills them.)
     pub async fn schedule_deadline(&self, record: &RequestRecord) {
-        let t = Timer { v: WIRE_VERSION, id: record.spec.id.clone(), attempt: record.attempt, kind: TimerKind::Deadline, due_at: record.deadline_at };
+        let t = Timer {
+            v: WIRE_VERSION,
+            id: record.spec.id.clone(),
+            attempt: record.attempt,
+            kind: TimerKind::Deadline,
+            due_at: record.deadline_at,
+        };
         if let Err(e) = self.bus.timers.schedule(&t).await {
             tracing::warn!(request.id = %t.id, error = %e, "deadline timer not set; the sweep covers it");
         }
@@ -562,7 +572,7 @@ impl Dispatcher {
         let view = self.view();
         Health {
             nats_connected: self.conn.is_connected(),
-            caught_up: view.caught_up,
+            caught_up: view.caught_up && view.nodes_caught_up,
             nodes: view.adverts().len(),
             open: view
                 .counts()

@@ -53,9 +53,19 @@ pub struct View {
     adverts: BTreeMap<NodeId, NodeAdvert>,
     /// Distinct node shapes (zone, traits, capacity) and how many nodes have each: admission
     /// looks at these, not at every node.
-    shapes: HashMap<(placement::Zone, Vec<placement::TraitName>, placement::Resources), usize>,
+    shapes: HashMap<
+        (
+            placement::Zone,
+            Vec<placement::TraitName>,
+            placement::Resources,
+        ),
+        usize,
+    >,
     /// Every record present at start has been seen.
     pub caught_up: bool,
+    /// Every advert present at start has been seen (admission waits for it: until then a
+    /// request is queued, never refused for want of nodes the view has not read yet).
+    pub nodes_caught_up: bool,
     active_times: VecDeque<Timestamp>,
     to_active_ms: VecDeque<u64>,
     to_claim_ms: VecDeque<u64>,
@@ -70,7 +80,13 @@ fn push_capped<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
     q.push_back(v);
 }
 
-fn shape_of(a: &NodeAdvert) -> (placement::Zone, Vec<placement::TraitName>, placement::Resources) {
+fn shape_of(
+    a: &NodeAdvert,
+) -> (
+    placement::Zone,
+    Vec<placement::TraitName>,
+    placement::Resources,
+) {
     let mut traits = a.traits.clone();
     traits.sort();
     (a.zone.clone(), traits, a.capacity.clone())
@@ -283,7 +299,9 @@ impl View {
 
     /// Admission: could any advertised node ever hold `spec`? Cost: distinct node shapes.
     pub fn admissible(&self, spec: &placement::RequestSpec) -> bool {
-        self.shapes.keys().any(|(zone, traits, cap)| placement::explain::shape_admits(spec, zone, traits, cap))
+        self.shapes
+            .keys()
+            .any(|(zone, traits, cap)| placement::explain::shape_admits(spec, zone, traits, cap))
     }
 
     /// One open record.
@@ -499,6 +517,7 @@ mod tests {
             capacity: Resources::new(8, mem, 100),
             unallocated: Resources::new(8, mem, 100),
             vms: 0,
+            building: 0,
             state: placement::wire::NodeState::Active,
             state_reason: None,
             overcommitted: false,

@@ -169,6 +169,8 @@ pub fn agent_config(
     c.nats.url = url.to_string();
     c.driver.memory.build_time = Duration::from_millis(20);
     c.pull.expiry = Duration::from_secs(5);
+    // every node pulls at once (the pack policy's open tiers have their own test)
+    c.pull.open_tiers = 1;
     c
 }
 
@@ -327,6 +329,7 @@ impl Harness {
             format!("--set=capacity.disk_gib={}", totals.disk_gib),
             "--set=driver.memory.build_time=20ms".into(),
             "--set=pull.expiry=5s".into(),
+            "--set=pull.open_tiers=1".into(),
             "--set=nak_delay=200ms".into(),
             "--set=reconcile_interval=5s".into(),
             "--set=shutdown_grace=5s".into(),

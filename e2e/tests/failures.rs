@@ -267,6 +267,26 @@ async fn another_dispatcher_answers_when_the_accepting_one_dies() {
     h.add_agent("full", Resources::new(8, 8 * 1024, 200))
         .await
         .unwrap();
+    // both dispatchers see the node before anything is asked of them
+    for api in &apis {
+        let mut seen = false;
+        for _ in 0..200 {
+            let nodes: serde_json::Value = http
+                .get(format!("{api}/v1/nodes"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if nodes.as_array().is_some_and(|a| a.len() == 1) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(seen, "{api} never saw the node");
+    }
     // fill the only node
     let r = http
         .post(format!("{}/v1/servers", apis[1]))

@@ -31,7 +31,8 @@ async fn cluster(policy: Policy, nodes: usize, per_node: Resources) -> Harness {
     let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
     for i in 0..nodes {
         h.add_agent_with(&format!("n{i:02}"), per_node.clone(), |c| {
-            c.pull.policy = policy
+            c.pull.policy = policy;
+            c.pull.open_tiers = placement::pull::DEFAULT_OPEN_TIERS;
         })
         .await
         .unwrap();
@@ -147,6 +148,7 @@ async fn a_large_request_is_not_starved_by_a_stream_of_small_ones() {
         h.add_agent_with(n, node.clone(), |c| {
             c.pull.guard.share = share;
             c.pull.guard.min_progress = 0.0;
+            c.pull.open_tiers = placement::pull::DEFAULT_OPEN_TIERS;
         })
         .await
         .unwrap();

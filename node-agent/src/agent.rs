@@ -134,6 +134,14 @@ impl Agent {
             capacity: l.capacity().clone(),
             unallocated: l.unallocated(),
             vms: u32::try_from(l.len()).unwrap_or(u32::MAX),
+            building: u32::try_from(
+                inner
+                    .owned
+                    .values()
+                    .filter(|o| matches!(o.phase, Phase::Claimed | Phase::Building))
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
             state: inner.mode.state(),
             state_reason: inner.mode.reason(),
             overcommitted: inner.mode.overcommitted,
@@ -218,10 +226,9 @@ impl Agent {
                 // keep a pull whose priority moved by one bucket at most: re-issuing it would cost
                 // a cancel and a pull for little, and a cancel can strand a message in flight
                 // until ack_wait
-                match desired
-                    .iter()
-                    .position(|d| &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1)
-                {
+                match desired.iter().position(|d| {
+                    &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1
+                }) {
                     Some(i) => {
                         desired.remove(i);
                     }

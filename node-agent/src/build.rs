@@ -34,7 +34,7 @@ impl Agent {
             })
             .await;
         let Some(building) = started else {
-            return self.superseded(&id).await;
+            return self.superseded(&id, false).await;
         };
         self.set_phase(&id, Phase::Building);
         let claim = match self.claim_of(&id) {
@@ -63,7 +63,7 @@ impl Agent {
                     })
                     .await;
                 if active.is_none() {
-                    return self.superseded(&id).await;
+                    return self.superseded(&id, true).await;
                 }
                 self.set_phase(&id, Phase::Active);
                 self.lock().consecutive_failures = 0;
@@ -176,9 +176,12 @@ impl Agent {
         self.replan.notify_one();
     }
 
-    /// The record no longer lets a build proceed. Reads it (never destroying on a failed read)
-    /// and acts: finish a delete the user asked for, or destroy a domain that is not ours to run.
-    pub async fn superseded(&self, id: &RequestId) {
+    /// A record step of a build was refused. Reads the record from the leader (never
+    /// destroying on a failed read) and acts on what it says: finish a delete the user asked
+    /// for; if the record still carries our claim (a refused write is not proof that we lost
+    /// it), finish the build (`built`) or hand it back; destroy the domain only when the
+    /// record has truly moved on to someone or something else.
+    pub async fn superseded(&self, id: &RequestId, built: bool) {
         let record = loop {
             match self.bus.records.get_leader(id).await {
                 Ok(r) => break r,
@@ -202,6 +205,30 @@ impl Agent {
         });
         if deleting {
             self.finish_delete(id).await;
+            return;
+        }
+        let still_ours = record.as_ref().is_some_and(|r| {
+            matches!(r.value.state, State::Claimed | State::Building)
+                && r.value
+                    .claim
+                    .as_ref()
+                    .zip(ours.as_ref())
+                    .is_some_and(|(a, b)| a.same_owner(b))
+        });
+        if still_ours && built {
+            tracing::info!(request.id = %id, "record still ours after a refused step; finishing the build");
+            self.finish_interrupted_build(id).await;
+            return;
+        }
+        if still_ours {
+            tracing::info!(request.id = %id, "record still ours but the build could not start; handing it back");
+            if self.destroy_confirmed(id).await {
+                self.give_back(
+                    id,
+                    &format!("build could not start on {}", self.identity.node),
+                )
+                .await;
+            }
             return;
         }
         if !self.destroy_confirmed(id).await {

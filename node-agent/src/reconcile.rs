@@ -206,7 +206,7 @@ impl Agent {
     }
 
     /// A build interrupted by a restart left a running domain: carry the record to `active`.
-    async fn finish_interrupted_build(&self, id: &RequestId) {
+    pub(crate) async fn finish_interrupted_build(&self, id: &RequestId) {
         for _ in 0..2 {
             let Some(c) = self.claim_of(id) else { return };
             let now = common::clock::now();

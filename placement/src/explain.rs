@@ -48,7 +48,12 @@ pub const MAX_CANDIDATES: usize = 10;
 
 /// True when some node of this shape could ever hold `spec` (admission without walking
 /// every advert: callers keep one entry per distinct node shape).
-pub fn shape_admits(spec: &RequestSpec, zone: &crate::ids::Zone, traits: &[crate::ids::TraitName], capacity: &crate::resources::Resources) -> bool {
+pub fn shape_admits(
+    spec: &RequestSpec,
+    zone: &crate::ids::Zone,
+    traits: &[crate::ids::TraitName],
+    capacity: &crate::resources::Resources,
+) -> bool {
     &spec.zone == zone
         && spec.required_traits.iter().all(|t| traits.contains(t))
         && !spec.forbidden_traits.iter().any(|t| traits.contains(t))
@@ -56,7 +61,11 @@ pub fn shape_admits(spec: &RequestSpec, zone: &crate::ids::Zone, traits: &[crate
 }
 
 /// Explains where `spec` could go given the current adverts.
-pub fn explain<'a>(spec: &RequestSpec, adverts: impl IntoIterator<Item = &'a NodeAdvert>, excluded: &[NodeId]) -> Explanation {
+pub fn explain<'a>(
+    spec: &RequestSpec,
+    adverts: impl IntoIterator<Item = &'a NodeAdvert>,
+    excluded: &[NodeId],
+) -> Explanation {
     let mut e = Explanation::default();
     let mut short: BTreeMap<Dim, usize> = BTreeMap::new();
     for a in adverts.into_iter().filter(|a| a.zone == spec.zone) {
@@ -183,6 +192,7 @@ mod tests {
             capacity: Resources::new(256, cap_gib * 1024, 1000),
             unallocated: Resources::new(100, free_gib * 1024, 500),
             vms: 3,
+            building: 0,
             state,
             state_reason: None,
             overcommitted: false,

@@ -21,6 +21,7 @@
 //! * `explain`: admission and "why pending" explanations from advertisements.
 //! * `subjects`: every NATS name.
 //! * `time`: timestamps as values.
+//! * `trace`: workload trace lines (the Azure trace and a simple format of our own).
 
 pub mod checks;
 pub mod explain;
@@ -35,6 +36,7 @@ pub mod resources;
 pub mod shard;
 pub mod subjects;
 pub mod time;
+pub mod trace;
 pub mod wire;
 
 pub use checks::Rejection;

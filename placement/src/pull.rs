@@ -37,6 +37,8 @@ pub const DEFAULT_MAX_PULLS: usize = 32;
 pub const DEFAULT_OPEN_TIERS: u8 = 4;
 /// Default cap on pulls one node keeps on one class's fit lane.
 pub const DEFAULT_PER_CLASS: usize = 8;
+/// Default share of an exclusive node (a GPU host) it lends to backed-up `std` work.
+pub const DEFAULT_OVERFLOW_SHARE: f64 = 0.5;
 
 /// In which order a node spends its credit on classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -76,6 +78,10 @@ pub struct PullConfig {
     /// Take near-fit work from the spill lane of backlogged classes (when the node could hold
     /// the smallest request waiting there).
     pub near_fit: bool,
+    /// An exclusive node (a GPU host) takes overflow work from backed-up `std` classes only
+    /// while its total use stays within this share of its capacity, so its own class's
+    /// requests still find room.
+    pub overflow_share: f64,
     /// The starvation guard.
     pub guard: GuardConfig,
 }
@@ -90,6 +96,7 @@ impl Default for PullConfig {
             open_tiers: DEFAULT_OPEN_TIERS,
             expiry: DEFAULT_PULL_EXPIRY,
             near_fit: true,
+            overflow_share: DEFAULT_OVERFLOW_SHARE,
             guard: GuardConfig::default(),
         }
     }
@@ -177,7 +184,11 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     } = *input;
     let capacity = ledger.capacity();
     let unallocated = ledger.unallocated();
-    let mut budget = if ignore_credit { unallocated.clone() } else { ledger.spare() };
+    let mut budget = if ignore_credit {
+        unallocated.clone()
+    } else {
+        ledger.spare()
+    };
     let mut out = PullPlan::default();
     let mut slots = cfg.max_pulls.saturating_sub(outstanding.len());
     if slots == 0 {
@@ -314,10 +325,16 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             tclass: shard.tclass.clone(),
             size: shard.size,
         };
-        let allowed = match &out.hold {
+        let mut allowed = match &out.hold {
             Some(h) if h.class != class => budget.saturating_sub(&h.headroom),
             _ => budget.clone(),
         };
+        if !home.contains(&c.tclass) {
+            // overflow work: lend only up to the overflow share of the node
+            let used = capacity.saturating_sub(&budget);
+            let lend = capacity.fraction(cfg.overflow_share).saturating_sub(&used);
+            allowed = allowed.min(&lend);
+        }
         if !c.credit.fits(&allowed) {
             continue;
         }
@@ -601,6 +618,44 @@ mod tests {
         let p = plan(&gpu, &map, &ledger, &[], &[flag(2)], &cfg());
         assert_eq!(p.pulls[0].shard.tclass.as_str(), "std");
         assert_eq!(p.pulls[0].shard.size, 2);
+    }
+
+    #[test]
+    fn exclusive_nodes_lend_only_their_overflow_share() {
+        let zone = Zone::new("az1").unwrap();
+        let map = default_shard_map(zone.clone());
+        let gpu = NodeProfile {
+            id: NodeId::new("g1").unwrap(),
+            zone,
+            traits: vec![TraitName::new("gpu").unwrap()],
+        };
+        let gpus = crate::ids::ResourceName::new("gpu").unwrap();
+        let mut ledger = NodeLedger::new(
+            Resources::new(64, 128 * 1024, 4000).with_extended(gpus, 2),
+            Resources::default(),
+            AllocationRatios::default(),
+        )
+        .unwrap();
+        let std_pulls = |ledger: &NodeLedger, share: f64| {
+            let c = PullConfig {
+                overflow_share: share,
+                ..cfg()
+            };
+            plan(&gpu, &map, ledger, &[], &[flag(2)], &c)
+                .pulls
+                .iter()
+                .filter(|i| i.shard.tclass.as_str() == "std")
+                .count()
+        };
+        assert!(std_pulls(&ledger, 0.5) > 0);
+        assert_eq!(std_pulls(&ledger, 0.0), 0, "a zero share lends nothing");
+        // half the memory already used (by anything): nothing more is lent
+        let rid = crate::ids::RequestId::new("big").unwrap();
+        ledger
+            .reserve(&rid, &Resources::new(8, 64 * 1024, 100), None)
+            .unwrap();
+        assert_eq!(std_pulls(&ledger, 0.5), 0);
+        assert!(std_pulls(&ledger, 1.0) > 0);
     }
 
     #[test]

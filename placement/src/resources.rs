@@ -267,6 +267,52 @@ impl Resources {
         }
     }
 
+    /// `share` (0..=1) of every dimension, rounded down (a node's lendable part).
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    pub fn fraction(&self, share: f64) -> Resources {
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        // results are ≤ the inputs, so the casts cannot overflow
+        let f = |v: u64| (v as f64 * share).floor() as u64;
+        Resources {
+            vcpus: (f64::from(self.vcpus) * share).floor() as u32,
+            memory_mib: f(self.memory_mib),
+            disk_gib: f(self.disk_gib),
+            extended: self
+                .extended
+                .iter()
+                .map(|(k, v)| (k.clone(), f(*v)))
+                .collect(),
+        }
+    }
+
+    /// Component-wise minimum (an extended resource missing on either side is 0).
+    pub fn min(&self, other: &Resources) -> Resources {
+        let extended = self
+            .extended
+            .iter()
+            .filter_map(|(name, v)| {
+                other
+                    .extended
+                    .get(name)
+                    .map(|o| (name.clone(), (*v).min(*o)))
+            })
+            .collect();
+        Resources {
+            vcpus: self.vcpus.min(other.vcpus),
+            memory_mib: self.memory_mib.min(other.memory_mib),
+            disk_gib: self.disk_gib.min(other.disk_gib),
+            extended,
+        }
+    }
+
     /// Component-wise maximum.
     pub fn max(&self, other: &Resources) -> Resources {
         let mut extended = self.extended.clone();

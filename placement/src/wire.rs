@@ -171,6 +171,9 @@ pub struct NodeAdvert {
     pub unallocated: Resources,
     /// Number of VMs the ledger holds.
     pub vms: u32,
+    /// Builds in flight (a draining node is drained when this reaches zero).
+    #[serde(default)]
+    pub building: u32,
     /// State.
     pub state: NodeState,
     /// Why it is unhealthy or fenced, when it is.
