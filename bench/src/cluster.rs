@@ -136,10 +136,10 @@ impl Cluster {
                 capacity: Some(Box::new(node_agent::capacity::Fixed(node.clone()))),
             };
             pending.push(node_agent::start(c, deps, CancellationToken::new()));
-            if pending.len() >= 32 {
-                if let Some(a) = futures::StreamExt::next(&mut pending).await {
-                    out.push(a?);
-                }
+            if pending.len() >= 32
+                && let Some(a) = futures::StreamExt::next(&mut pending).await
+            {
+                out.push(a?);
             }
         }
         while let Some(a) = futures::StreamExt::next(&mut pending).await {

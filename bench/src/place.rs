@@ -187,7 +187,7 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
             }
         }
         anyhow::ensure!(
-            tokio::time::Instant::now() < deadline && counts.get(&State::Failed).is_none(),
+            tokio::time::Instant::now() < deadline && !counts.contains_key(&State::Failed),
             "only {active} of {} placed after {:.0} s: {counts:?}",
             opts.requests,
             t0.elapsed().as_secs_f64()

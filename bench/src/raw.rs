@@ -76,10 +76,10 @@ pub async fn rate(
                     .await?
                     .into_future(),
             );
-            if acks.len() >= 256 {
-                if let Some(a) = acks.next().await {
-                    a?;
-                }
+            if acks.len() >= 256
+                && let Some(a) = acks.next().await
+            {
+                a?;
             }
         }
         while let Some(a) = acks.next().await {

@@ -34,6 +34,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start: its size does not matter
 enum Cmd {
     /// Run a whole local cluster: nats-server, a dispatcher and agents, with a demo workload.
     Up(up::UpArgs),

@@ -133,6 +133,76 @@ async fn fifty_concurrent_deliveries_to_an_agent_with_room_for_ten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_hints_of_one_request_on_one_agent_never_free_its_room() {
+    // a re-published hint (the sweep's repair, a failover) can reach the node that is already
+    // claiming the request; the copies must not give back the winner's reservation
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    h.add_agent("small", Resources::new(64, 20 * 1024, 10_000))
+        .await
+        .unwrap();
+    h.wait_nodes(1, Duration::from_secs(20)).await.unwrap();
+    let d = h.dispatchers[0].dispatcher.clone();
+    d.set_admin("small", true, false, "test").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids = submit(&h, "dup", 1, "m1.small").await;
+    let rid = placement::RequestId::new(ids[0].clone()).unwrap();
+    let record = d.bus.records.get(&rid).await.unwrap().unwrap().value;
+    // one subject per request keeps one hint at a time: take it, re-publish it (as the sweep
+    // does for a hint it cannot see while it is in flight), take the copy, and so on
+    let client = async_nats::connect(&h.url).await.unwrap();
+    let mut deliveries = Vec::new();
+    for repair in 0..6u64 {
+        if repair > 0 {
+            d.bus
+                .hints
+                .republish(&record, Lane::Fit, common::clock::now(), repair)
+                .await
+                .unwrap();
+        }
+        let got =
+            bus::puller::fetch_batch(&client, &record.shard, Lane::Fit, 1, Duration::from_secs(2))
+                .await
+                .unwrap();
+        assert_eq!(got.len(), 1, "copy {repair} missing");
+        deliveries.extend(got);
+    }
+    d.set_admin("small", false, false, "test").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = match &h.agent("small").handle {
+        e2e::harness::AgentHandle::InProcess { agent, .. } => agent.clone(),
+        _ => unreachable!(),
+    };
+    let handled = deliveries
+        .into_iter()
+        .map(|dl| agent.clone().handle_delivery(None, dl));
+    futures::future::join_all(handled).await;
+    h.wait_for(&ids, Duration::from_secs(20), is_active)
+        .await
+        .unwrap();
+    assert!(
+        agent.lock().ledger.get(&rid).is_some(),
+        "the running request keeps its reservation"
+    );
+    // room for nine more m1.small, not ten
+    let more = submit(&h, "fill", 12, "m1.small").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recs = h.records().await.unwrap();
+    let on_small = recs
+        .iter()
+        .filter(|r| r.node().map(|n| n.as_str()) == Some("small"))
+        .count();
+    assert_eq!(on_small, 10, "exactly ten fit");
+    h.add_agent("big", node(512)).await.unwrap();
+    h.wait_for(&more, Duration::from_secs(30), is_active)
+        .await
+        .unwrap();
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{:#?}", report.violations);
+    assert_eq!(report.builds, 13, "one build per request");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_nine_of_an_agent_mid_build_replaces_its_work() {
     let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
     // the victim builds slowly, so it is holding claims and builds when it dies

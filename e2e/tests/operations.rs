@@ -302,11 +302,10 @@ async fn both_binaries_export_their_metrics() {
             .json(&json!({ "id": "m1", "flavor": "m1.small" }))
             .send()
             .await
+            && r.status().as_u16() == 201
         {
-            if r.status().as_u16() == 201 {
-                ok = true;
-                break;
-            }
+            ok = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -10,7 +10,7 @@ use bus::puller::{PullEnd, PullEvent, PullSpec, Puller};
 use bus::{Bus, ConnState};
 use placement::ledger::{NodeLedger, PullId};
 use placement::lifecycle::Claim;
-use placement::pull::{NodeProfile, PlanInput, plan_pulls};
+use placement::pull::{NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls};
 use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
 use placement::{Epoch, Lane, RequestId, ShardId, ShardMap, Timestamp};
 use rand_chacha::ChaCha8Rng;
@@ -220,21 +220,15 @@ impl Agent {
                 }
                 inner.holding = hold;
             }
-            let mut desired = plan.pulls;
-            let mut cancel = Vec::new();
-            for (id, (shard, lane, priority)) in &inner.pulls {
-                // keep a pull whose priority moved by one bucket at most: re-issuing it would cost
-                // a cancel and a pull for little, and a cancel can strand a message in flight
-                // until ack_wait
-                match desired.iter().position(|d| {
-                    &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1
-                }) {
-                    Some(i) => {
-                        desired.remove(i);
-                    }
-                    None => cancel.push(*id),
-                }
-            }
+            let held: Vec<_> = inner
+                .pulls
+                .iter()
+                .map(|(id, (shard, lane, priority))| (*id, shard.clone(), *lane, *priority))
+                .collect();
+            let PullDiff {
+                cancel,
+                issue: desired,
+            } = diff_pulls(plan.pulls, &held);
             for id in cancel {
                 inner.pulls.remove(&id);
                 inner.ledger.return_credit(id);

@@ -12,7 +12,7 @@ use bus::Versioned;
 use bus::puller::Delivery;
 use bus::records::UpdateError;
 use placement::checks::Rejection;
-use placement::ledger::PullId;
+use placement::ledger::{PullId, Reserved};
 use placement::lifecycle::{Claim, RequestRecord};
 use placement::request::GroupPolicy;
 use placement::wire::{GroupPin, Hint, WIRE_VERSION, decode};
@@ -142,18 +142,25 @@ impl Agent {
                     .ledger
                     .reserve(&spec.id, &spec.resources, spec.group.as_ref()),
             };
-            res.map(|_| {
+            res.map(|held| {
                 let token = ClaimToken::random(&mut inner.rng);
-                Claim {
+                let claim = Claim {
                     node: self.identity.node.clone(),
                     epoch: inner.epoch,
                     token,
                     at: common::clock::now(),
-                }
+                };
+                (held, claim)
             })
         };
         let claim = match claim {
-            Ok(c) => c,
+            Ok((Reserved::New, c)) => c,
+            // another delivery of the same request (a re-published hint) is claiming it here,
+            // or it already runs here: that one owns the reservation and decides; releasing it
+            // on a lost race below would free capacity a live build uses
+            Ok((Reserved::AlreadyHeld, _)) => {
+                return self.hand_back(&d, None, Rejection::InFlight).await;
+            }
             Err(e) => return self.hand_back(&d, None, Rejection::from_ledger(&e)).await,
         };
         let id = spec.id.clone();

@@ -41,6 +41,9 @@ pub enum Rejection {
     NotTakingWork,
     /// The id is allocated here already with another size.
     Conflict,
+    /// This node is already claiming or running the request through another delivery of it
+    /// (a re-published hint): the first delivery decides; this one comes back later.
+    InFlight,
 }
 
 impl Rejection {
@@ -61,6 +64,7 @@ impl Rejection {
             Rejection::ClaimLost => "claim_lost",
             Rejection::NotTakingWork => "not_taking_work",
             Rejection::Conflict => "conflict",
+            Rejection::InFlight => "in_flight",
         }
     }
 

@@ -351,6 +351,39 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     out
 }
 
+/// What to change in a node's outstanding pulls to reach a fresh plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullDiff<K> {
+    /// Outstanding pulls to cancel (their credit returns).
+    pub cancel: Vec<K>,
+    /// Pulls to issue.
+    pub issue: Vec<PullIntent>,
+}
+
+/// Diffs a fresh plan (made with `ignore_credit`, as if nothing were held) against the pulls
+/// outstanding: an outstanding pull that the plan still wants on the same shard and lane,
+/// with a priority at most one bucket away, is kept (re-issuing it would cost a cancel and
+/// a pull for little, and a cancel can strand a message in flight); the rest is cancelled,
+/// and what the plan wants beyond the kept pulls is issued.
+pub fn diff_pulls<K: Copy>(
+    desired: Vec<PullIntent>,
+    held: &[(K, ShardId, Lane, u8)],
+) -> PullDiff<K> {
+    let mut issue = desired;
+    let mut cancel = Vec::new();
+    for (id, shard, lane, priority) in held {
+        match issue.iter().position(|d| {
+            &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1
+        }) {
+            Some(i) => {
+                issue.remove(i);
+            }
+            None => cancel.push(*id),
+        }
+    }
+    PullDiff { cancel, issue }
+}
+
 /// Full-fit candidates of one trait class in credit order.
 fn class_order(
     map: &ShardMap,

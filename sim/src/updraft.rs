@@ -1,0 +1,909 @@
+//! updraft in the simulator: nodes plan their pulls with the production planner
+//! (`placement::pull::plan_pulls` and `diff_pulls`), hold pull credit in their own
+//! `NodeLedger`, and take hints from per-shard queues that behave like JetStream's:
+//!
+//! * waiting pulls are served by priority (0 first), then by arrival;
+//! * a lane holds at most `max_waiting` pulls (more are refused, their credit returns);
+//! * a pull lives `expiry`; the agent re-issues it at once, which moves it to the back of
+//!   its priority (modelled lazily when the lane is served);
+//! * a hint a node cannot take is nak'd and comes back after `nak_delay`;
+//! * publish, fetch and compare-and-swap take a latency drawn per operation;
+//! * a request hinted on both lanes (after the spill deadline) can be delivered to two nodes:
+//!   both reserve, the first compare-and-swap wins, the loser releases (a claim race).
+//!
+//! The dispatcher's part (deadlines, spill, backlog flags, class demand) runs on a sweep
+//! every second, as in `dispatcher/src/timekeeper.rs`. Differences from production, for
+//! speed: a node re-plans on its own events and when the set of backlogged classes changes,
+//! not on a one-second tick; a flag's `smallest` looks at the 64 oldest waiting requests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use placement::ledger::{NodeLedger, PullId};
+use placement::policy::Policy;
+use placement::pull::{NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls};
+use placement::shard::{ClassKey, Routable};
+use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
+use placement::{Lane, RequestId, Resources, ShardId, ShardMap, Timestamp, Zone};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::Millis;
+use crate::cluster::NodeSpec;
+use crate::events::EventQueue;
+use crate::stats::{Recorder, Report, Sample};
+use crate::workload::{Arrival, Workload, WorkloadError};
+
+/// A latency: a fixed part plus an exponential tail with the given mean (ms).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Latency {
+    /// Fixed part, ms.
+    pub base_ms: f64,
+    /// Mean of the exponential tail, ms.
+    pub tail_ms: f64,
+}
+
+impl Latency {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn draw(&self, rng: &mut ChaCha8Rng) -> Millis {
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        (self.base_ms - self.tail_ms * u.ln()).round().max(0.0) as Millis
+    }
+}
+
+/// Settings of the updraft model.
+#[derive(Debug, Clone)]
+pub struct UpdraftConfig {
+    /// The shard map.
+    pub map: ShardMap,
+    /// The nodes' pull settings (policy, order, credit, guard...).
+    pub pull: PullConfig,
+    /// Dispatcher → stream.
+    pub publish: Latency,
+    /// Stream → node.
+    pub fetch: Latency,
+    /// One compare-and-swap on a record.
+    pub cas: Latency,
+    /// Redelivery delay of a nak'd hint.
+    pub nak_delay: Millis,
+    /// Redelivery of a hint whose node died before answering.
+    pub ack_wait: Millis,
+    /// Pulls one lane holds at most.
+    pub max_waiting: usize,
+    /// Time from claim to running.
+    pub build_time: Millis,
+    /// A request unplaced after this fails.
+    pub deadline: Millis,
+    /// Build attempts before a request fails.
+    pub max_attempts: u32,
+    /// Probability that a build fails.
+    pub build_failure_rate: f64,
+    /// Node deaths per node per hour.
+    pub node_death_rate: f64,
+    /// How long a dead node stays away.
+    pub repair_time: Millis,
+    /// A dead node's claims are reaped after this.
+    pub lease_ttl: Millis,
+    /// Time between samples.
+    pub sample_every: Millis,
+    /// Seed.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqState {
+    Waiting,
+    Claiming(u32),
+    Building(u32),
+    Running(u32),
+}
+
+#[derive(Debug)]
+struct Req {
+    at: Millis,
+    lifetime: Millis,
+    res: Resources,
+    /// Index of its shard (fit lane = 2·shard, spill lane = 2·shard + 1).
+    shard: u32,
+    class: u32,
+    size: u8,
+    state: ReqState,
+    attempt: u32,
+    excluded: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Msg {
+    req: u64,
+    attempt: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WaitingPull {
+    node: u32,
+    pull: u64,
+    issued: Millis,
+}
+
+#[derive(Debug, Default)]
+struct LaneQ {
+    msgs: VecDeque<Msg>,
+    buckets: [VecDeque<WaitingPull>; 10],
+    waiting: usize,
+}
+
+struct NodeSim {
+    profile: NodeProfile,
+    ledger: NodeLedger,
+    pulls: BTreeMap<u64, (u32, u8)>,
+    next_pull: u64,
+    alive: bool,
+    vms: u32,
+    rng: ChaCha8Rng,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Arrive,
+    Publish {
+        req: u64,
+        lane: u32,
+    },
+    Retry {
+        lane: u32,
+    },
+    Deliver {
+        node: u32,
+        pull: u64,
+        msg: Msg,
+        lane: u32,
+    },
+    ClaimDone {
+        node: u32,
+        req: u64,
+    },
+    BuildDone {
+        node: u32,
+        req: u64,
+    },
+    Depart {
+        req: u64,
+    },
+    Spill {
+        req: u64,
+    },
+    Deadline {
+        req: u64,
+    },
+    Reap {
+        node: u32,
+        req: u64,
+        attempt: u32,
+    },
+    Death,
+    Back {
+        node: u32,
+    },
+    Sweep,
+    Sample,
+}
+
+/// The model's state.
+struct Sim<'a> {
+    cfg: &'a UpdraftConfig,
+    zone: Zone,
+    shards: Vec<ShardId>,
+    shard_ix: HashMap<ShardId, u32>,
+    classes: Vec<ClassKey>,
+    class_ix: HashMap<ClassKey, u32>,
+    lanes: Vec<LaneQ>,
+    nodes: Vec<NodeSim>,
+    reqs: HashMap<u64, Req>,
+    /// Waiting requests per class: (arrival, seq).
+    waiting: Vec<BTreeSet<(Millis, u64)>>,
+    flags: Vec<BacklogFlag>,
+    flag_set: BTreeSet<u32>,
+    demand: Vec<DemandEntry>,
+    arrivals_window: Vec<u64>,
+    q: EventQueue<Ev>,
+    rng: ChaCha8Rng,
+    rec: Recorder,
+    in_use: usize,
+    largest: Resources,
+}
+
+fn rid(seq: u64) -> RequestId {
+    RequestId::new(format!("r{seq}")).expect("generated request ids are valid")
+}
+
+impl Sim<'_> {
+    fn lane_of(shard: u32, lane: Lane) -> u32 {
+        shard * 2 + u32::from(lane == Lane::Spill)
+    }
+
+    fn shard_index(&mut self, s: &ShardId) -> u32 {
+        if let Some(i) = self.shard_ix.get(s) {
+            return *i;
+        }
+        let i = u32::try_from(self.shards.len()).expect("fewer than 2^32 shards");
+        self.shards.push(s.clone());
+        self.shard_ix.insert(s.clone(), i);
+        self.lanes.push(LaneQ::default());
+        self.lanes.push(LaneQ::default());
+        i
+    }
+
+    fn class_index(&mut self, c: &ClassKey) -> u32 {
+        if let Some(i) = self.class_ix.get(c) {
+            return *i;
+        }
+        let i = u32::try_from(self.classes.len()).expect("fewer than 2^32 classes");
+        self.classes.push(c.clone());
+        self.class_ix.insert(c.clone(), i);
+        self.waiting.push(BTreeSet::new());
+        self.arrivals_window.push(0);
+        i
+    }
+
+    /// Re-plans node `n`'s pulls and serves the lanes it joined.
+    fn replan(&mut self, n: u32, now: Millis) {
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        let input = PlanInput {
+            node: &node.profile,
+            map: &self.cfg.map,
+            ledger: &node.ledger,
+            ignore_credit: true,
+            outstanding: &[],
+            backlog: &self.flags,
+            demand: &self.demand,
+            cfg: &self.cfg.pull,
+            now: Timestamp(now),
+        };
+        let plan = plan_pulls(&input, &mut node.rng);
+        let held: Vec<(u64, ShardId, Lane, u8)> = node
+            .pulls
+            .iter()
+            .map(|(id, (lane, prio))| {
+                let s = &self.shards[(*lane / 2) as usize];
+                (
+                    *id,
+                    s.clone(),
+                    if lane % 2 == 1 {
+                        Lane::Spill
+                    } else {
+                        Lane::Fit
+                    },
+                    *prio,
+                )
+            })
+            .collect();
+        let PullDiff { cancel, issue } = diff_pulls(plan.pulls, &held);
+        for id in cancel {
+            let node = &mut self.nodes[n as usize];
+            if let Some((lane, _)) = node.pulls.remove(&id) {
+                node.ledger.return_credit(PullId(id));
+                self.lanes[lane as usize].waiting -= 1;
+            }
+        }
+        let mut touched = Vec::new();
+        for intent in issue {
+            let shard = self.shard_index(&intent.shard);
+            let lane = Self::lane_of(shard, intent.lane);
+            let node = &mut self.nodes[n as usize];
+            node.next_pull += 1;
+            let id = node.next_pull;
+            if node.ledger.take_credit(PullId(id), &intent.credit).is_err() {
+                continue;
+            }
+            self.rec.count("pulls_issued", 1);
+            let lq = &mut self.lanes[lane as usize];
+            if lq.waiting >= self.cfg.max_waiting {
+                node.ledger.return_credit(PullId(id));
+                self.rec.count("pulls_refused_max_waiting", 1);
+                continue;
+            }
+            lq.waiting += 1;
+            lq.buckets[usize::from(intent.priority.min(9))].push_back(WaitingPull {
+                node: n,
+                pull: id,
+                issued: now,
+            });
+            node.pulls.insert(id, (lane, intent.priority));
+            touched.push(lane);
+        }
+        touched.dedup();
+        for lane in touched {
+            self.serve(lane, now);
+        }
+    }
+
+    /// Hands waiting messages of `lane` to its best waiting pulls.
+    fn serve(&mut self, lane: u32, now: Millis) {
+        let expiry = u64::try_from(self.cfg.pull.expiry.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        loop {
+            // purge hints of requests that moved on (the dispatcher purges them too)
+            let lq = &mut self.lanes[lane as usize];
+            let Some(msg) = lq.msgs.front().copied() else {
+                return;
+            };
+            let live = self.reqs.get(&msg.req).is_some_and(|r| {
+                r.attempt == msg.attempt
+                    && matches!(r.state, ReqState::Waiting | ReqState::Claiming(_))
+            });
+            if !live {
+                lq.msgs.pop_front();
+                continue;
+            }
+            // the best waiting pull: priority, then arrival (an expired pull was re-issued)
+            let mut chosen = None;
+            'buckets: for b in 0..10 {
+                while let Some(w) = self.lanes[lane as usize].buckets[b].front().copied() {
+                    let alive = self.nodes[w.node as usize]
+                        .pulls
+                        .get(&w.pull)
+                        .is_some_and(|(l, _)| *l == lane);
+                    let lq = &mut self.lanes[lane as usize];
+                    if !alive {
+                        lq.buckets[b].pop_front();
+                        continue;
+                    }
+                    if now.saturating_sub(w.issued) >= expiry {
+                        lq.buckets[b].pop_front();
+                        let reissued = w.issued + (now - w.issued) / expiry * expiry;
+                        lq.buckets[b].push_back(WaitingPull {
+                            issued: reissued,
+                            ..w
+                        });
+                        self.rec.count("pulls_reissued", 1);
+                        continue;
+                    }
+                    chosen = lq.buckets[b].pop_front();
+                    break 'buckets;
+                }
+            }
+            let Some(w) = chosen else { return };
+            let lq = &mut self.lanes[lane as usize];
+            lq.msgs.pop_front();
+            lq.waiting -= 1;
+            self.nodes[w.node as usize].pulls.remove(&w.pull);
+            self.rec.count("deliveries", 1);
+            let at = now + self.cfg.fetch.draw(&mut self.rng);
+            self.q.push(
+                at,
+                Ev::Deliver {
+                    node: w.node,
+                    pull: w.pull,
+                    msg,
+                    lane,
+                },
+            );
+        }
+    }
+
+    fn publish(&mut self, req: u64, lane: u32, now: Millis) {
+        let at = now + self.cfg.publish.draw(&mut self.rng);
+        self.q.push(at, Ev::Publish { req, lane });
+    }
+
+    fn hosts_changed(&mut self, now: Millis) {
+        self.rec.hosts(now, self.in_use);
+    }
+
+    fn unwait(&mut self, seq: u64) {
+        if let Some(r) = self.reqs.get(&seq) {
+            let key = (r.at, seq);
+            self.waiting[r.class as usize].remove(&key);
+        }
+    }
+
+    fn requeue(&mut self, seq: u64, failed_on: u32, now: Millis) {
+        let Some(r) = self.reqs.get_mut(&seq) else {
+            return;
+        };
+        r.attempt += 1;
+        r.excluded.push(failed_on);
+        if r.attempt > self.cfg.max_attempts {
+            self.reqs.remove(&seq);
+            self.rec.failed += 1;
+            return;
+        }
+        r.state = ReqState::Waiting;
+        let (class, at, shard) = (r.class, r.at, r.shard);
+        self.waiting[class as usize].insert((at, seq));
+        self.publish(seq, Self::lane_of(shard, Lane::Fit), now);
+    }
+
+    fn handle(
+        &mut self,
+        now: Millis,
+        ev: Ev,
+        workload: &mut Workload,
+        next: &mut Option<Arrival>,
+    ) -> Result<(), WorkloadError> {
+        match ev {
+            Ev::Arrive => {
+                let Some(a) = next.take() else { return Ok(()) };
+                self.rec.arrived += 1;
+                self.arrive(a, now);
+                *next = workload.next().transpose()?;
+                if let Some(n) = next.as_ref() {
+                    self.q.push(n.at.max(now), Ev::Arrive);
+                }
+            }
+            Ev::Publish { req, lane } => {
+                if let Some(r) = self.reqs.get(&req) {
+                    let msg = Msg {
+                        req,
+                        attempt: r.attempt,
+                    };
+                    self.lanes[lane as usize].msgs.push_back(msg);
+                    self.serve(lane, now);
+                }
+            }
+            Ev::Retry { lane } => self.serve(lane, now),
+            Ev::Deliver {
+                node,
+                pull,
+                msg,
+                lane,
+            } => self.deliver(node, pull, msg, lane, now),
+            Ev::ClaimDone { node, req } => {
+                let won = self
+                    .reqs
+                    .get(&req)
+                    .is_some_and(|r| r.state == ReqState::Claiming(node));
+                if won {
+                    self.unwait(req);
+                    let r = self.reqs.get_mut(&req).expect("checked above");
+                    r.state = ReqState::Building(node);
+                    let (size, at) = (r.size, r.at);
+                    self.rec.placed(size, now - at);
+                    self.q
+                        .push(now + self.cfg.build_time, Ev::BuildDone { node, req });
+                } else {
+                    self.rec.count("claim_races_lost", 1);
+                    self.nodes[node as usize].ledger.release(&rid(req));
+                    self.replan(node, now);
+                }
+            }
+            Ev::BuildDone { node, req } => {
+                if self.reqs.get(&req).map(|r| r.state) != Some(ReqState::Building(node))
+                    || !self.nodes[node as usize].alive
+                {
+                    return Ok(());
+                }
+                if self.cfg.build_failure_rate > 0.0
+                    && self.rng.random_bool(self.cfg.build_failure_rate.min(1.0))
+                {
+                    self.rec.count("builds_failed", 1);
+                    self.rec.placed = self.rec.placed.saturating_sub(1);
+                    self.nodes[node as usize].ledger.release(&rid(req));
+                    self.requeue(req, node, now);
+                    self.replan(node, now);
+                    return Ok(());
+                }
+                let r = self.reqs.get_mut(&req).expect("checked above");
+                r.state = ReqState::Running(node);
+                let lifetime = r.lifetime;
+                let n = &mut self.nodes[node as usize];
+                if n.vms == 0 {
+                    self.in_use += 1;
+                }
+                n.vms += 1;
+                self.hosts_changed(now);
+                self.q.push(now + lifetime, Ev::Depart { req });
+            }
+            Ev::Depart { req } => {
+                let Some(r) = self.reqs.get(&req) else {
+                    return Ok(());
+                };
+                let ReqState::Running(node) = r.state else {
+                    return Ok(());
+                };
+                self.reqs.remove(&req);
+                let n = &mut self.nodes[node as usize];
+                n.ledger.release(&rid(req));
+                n.vms -= 1;
+                if n.vms == 0 {
+                    self.in_use -= 1;
+                }
+                self.hosts_changed(now);
+                self.replan(node, now);
+            }
+            Ev::Spill { req } => {
+                if let Some(r) = self.reqs.get(&req).filter(|r| r.state == ReqState::Waiting) {
+                    let lane = Self::lane_of(r.shard, Lane::Spill);
+                    self.rec.count("spilled", 1);
+                    self.publish(req, lane, now);
+                }
+            }
+            Ev::Deadline { req } => {
+                if self
+                    .reqs
+                    .get(&req)
+                    .is_some_and(|r| r.state == ReqState::Waiting)
+                {
+                    self.unwait(req);
+                    self.reqs.remove(&req);
+                    self.rec.failed += 1;
+                }
+            }
+            Ev::Reap { node, req, attempt } => {
+                let held = self.reqs.get(&req).is_some_and(|r| r.attempt == attempt && matches!(r.state, ReqState::Claiming(x) | ReqState::Building(x) if x == node));
+                if held {
+                    self.rec.count("reaped", 1);
+                    if matches!(
+                        self.reqs.get(&req).map(|r| r.state),
+                        Some(ReqState::Building(_))
+                    ) {
+                        self.rec.placed = self.rec.placed.saturating_sub(1);
+                    }
+                    self.requeue(req, node, now);
+                }
+            }
+            Ev::Death => self.death(now),
+            Ev::Back { node } => {
+                let n = &mut self.nodes[node as usize];
+                n.alive = true;
+                n.ledger = NodeLedger::new(
+                    n.ledger.totals().clone(),
+                    n.ledger.reserved().clone(),
+                    *n.ledger.ratios(),
+                )
+                .expect("same capacity as before");
+                self.replan(node, now);
+            }
+            Ev::Sweep => self.sweep(now),
+            Ev::Sample => {
+                let waiting = self.waiting.iter().map(BTreeSet::len).sum();
+                let s = Sample::measure(
+                    now,
+                    waiting,
+                    self.nodes
+                        .iter()
+                        .filter(|n| n.alive)
+                        .map(|n| (n.ledger.capacity(), n.ledger.unallocated())),
+                );
+                self.rec.samples.push(s);
+            }
+        }
+        Ok(())
+    }
+
+    fn arrive(&mut self, a: Arrival, now: Millis) {
+        let name = format!("r{}", a.seq);
+        let routed = self.cfg.map.route(&Routable {
+            id: &name,
+            zone: &self.zone,
+            required_traits: &[],
+            resources: &a.resources,
+        });
+        let shard = match routed {
+            Ok(s) if a.resources.fits(&self.largest) => s,
+            _ => {
+                // admission: no node could ever hold it
+                self.rec.failed += 1;
+                self.rec.count("inadmissible", 1);
+                return;
+            }
+        };
+        let class = self.class_index(&shard.class());
+        let size = shard.size;
+        let si = self.shard_index(&shard);
+        self.waiting[class as usize].insert((a.at, a.seq));
+        self.arrivals_window[class as usize] += 1;
+        self.reqs.insert(
+            a.seq,
+            Req {
+                at: a.at,
+                lifetime: a.lifetime,
+                res: a.resources,
+                shard: si,
+                class,
+                size,
+                state: ReqState::Waiting,
+                attempt: 1,
+                excluded: Vec::new(),
+            },
+        );
+        self.publish(a.seq, Self::lane_of(si, Lane::Fit), now);
+        let spill = u64::try_from(self.cfg.map.spill_after(size).as_millis()).unwrap_or(u64::MAX);
+        self.q
+            .push(now.saturating_add(spill), Ev::Spill { req: a.seq });
+        self.q.push(
+            now.saturating_add(self.cfg.deadline),
+            Ev::Deadline { req: a.seq },
+        );
+    }
+
+    fn deliver(&mut self, node: u32, pull: u64, msg: Msg, lane: u32, now: Millis) {
+        let back = |s: &mut Self, delay: Millis, why: &'static str| {
+            s.rec.count(why, 1);
+            s.lanes[lane as usize].msgs.push_front(msg);
+            s.q.push(now + delay, Ev::Retry { lane });
+        };
+        if !self.nodes[node as usize].alive {
+            return back(self, self.cfg.ack_wait, "redelivered_after_death");
+        }
+        let state = self
+            .reqs
+            .get(&msg.req)
+            .filter(|r| r.attempt == msg.attempt)
+            .map(|r| r.state);
+        let n = &mut self.nodes[node as usize];
+        match state {
+            Some(ReqState::Waiting | ReqState::Claiming(_)) => {}
+            _ => {
+                // stale: the record moved on
+                n.ledger.return_credit(PullId(pull));
+                self.rec.count("stale_deliveries", 1);
+                return self.replan(node, now);
+            }
+        }
+        let r = self.reqs.get(&msg.req).expect("checked above");
+        if r.excluded.contains(&node) {
+            n.ledger.return_credit(PullId(pull));
+            back(self, self.cfg.nak_delay, "naks");
+            return self.replan(node, now);
+        }
+        if n.ledger
+            .reserve_from_pull(PullId(pull), &rid(msg.req), &r.res, None)
+            .is_err()
+        {
+            back(self, self.cfg.nak_delay, "naks");
+            return self.replan(node, now);
+        }
+        if let Some(r) = self.reqs.get_mut(&msg.req)
+            && r.state == ReqState::Waiting
+        {
+            r.state = ReqState::Claiming(node);
+        }
+        let at = now + self.cfg.cas.draw(&mut self.rng);
+        self.q.push(at, Ev::ClaimDone { node, req: msg.req });
+        self.replan(node, now);
+    }
+
+    fn death(&mut self, now: Millis) {
+        let alive: Vec<u32> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].alive)
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        if let Some(&victim) = alive.get(self.rng.random_range(0..alive.len().max(1))) {
+            self.rec.count("node_deaths", 1);
+            let n = &mut self.nodes[victim as usize];
+            n.alive = false;
+            for (_, (lane, _)) in std::mem::take(&mut n.pulls) {
+                self.lanes[lane as usize].waiting -= 1;
+            }
+            if n.vms > 0 {
+                self.in_use -= 1;
+            }
+            n.vms = 0;
+            self.hosts_changed(now);
+            let held: Vec<(u64, ReqState, u32)> = self
+                .reqs
+                .iter()
+                .filter(|(_, r)| matches!(r.state, ReqState::Claiming(x) | ReqState::Building(x) | ReqState::Running(x) if x == victim))
+                .map(|(k, r)| (*k, r.state, r.attempt))
+                .collect();
+            for (seq, state, attempt) in held {
+                if let ReqState::Running(_) = state {
+                    self.reqs.remove(&seq);
+                    self.rec.lost += 1;
+                } else {
+                    self.q.push(
+                        now + self.cfg.lease_ttl,
+                        Ev::Reap {
+                            node: victim,
+                            req: seq,
+                            attempt,
+                        },
+                    );
+                }
+            }
+            self.q
+                .push(now + self.cfg.repair_time, Ev::Back { node: victim });
+        }
+        self.schedule_death(now);
+    }
+
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    fn schedule_death(&mut self, now: Millis) {
+        if self.cfg.node_death_rate <= 0.0 {
+            return;
+        }
+        let per_ms = self.cfg.node_death_rate * self.nodes.len() as f64 / 3_600_000.0;
+        let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+        let dt = (-u.ln() / per_ms).round().min(1e15) as Millis;
+        self.q.push(now + dt.max(1), Ev::Death);
+    }
+
+    /// The dispatcher's sweep: backlog flags each second, class demand every ten.
+    fn sweep(&mut self, now: Millis) {
+        let mut flags = Vec::new();
+        let mut set = BTreeSet::new();
+        for (ci, w) in self.waiting.iter().enumerate() {
+            let Some(&(oldest, _)) = w.first() else {
+                continue;
+            };
+            let class = &self.classes[ci];
+            let spill =
+                u64::try_from(self.cfg.map.spill_after(class.size).as_millis()).unwrap_or(u64::MAX);
+            if now.saturating_sub(oldest) < spill {
+                continue;
+            }
+            let mut smallest: Option<Resources> = None;
+            for (_, seq) in w.iter().take(64) {
+                if let Some(r) = self.reqs.get(seq) {
+                    smallest = Some(smallest.map_or_else(|| r.res.clone(), |s| s.min(&r.res)));
+                }
+            }
+            let since = self
+                .flags
+                .iter()
+                .find(|f| &f.class == class)
+                .map_or(Timestamp(oldest + spill), |f| f.since);
+            flags.push(BacklogFlag {
+                v: WIRE_VERSION,
+                class: class.clone(),
+                since,
+                oldest_age_ms: now - oldest,
+                depth: w.len() as u64,
+                smallest: smallest.unwrap_or_default(),
+                updated_at: Timestamp(now),
+            });
+            set.insert(u32::try_from(ci).unwrap_or(u32::MAX));
+        }
+        let changed = set != self.flag_set;
+        self.flags = flags;
+        self.flag_set = set;
+        if now.is_multiple_of(10_000) {
+            // requests per minute over the last 10 s, decayed
+            for (ci, n) in self.arrivals_window.iter_mut().enumerate() {
+                let c = &self.classes[ci];
+                #[allow(clippy::cast_precision_loss)]
+                let rate = *n as f64 * 6.0;
+                *n = 0;
+                match self
+                    .demand
+                    .iter_mut()
+                    .find(|d| d.tclass == c.tclass && d.size == c.size)
+                {
+                    Some(d) => d.per_min = 0.7 * d.per_min + 0.3 * rate,
+                    None => self.demand.push(DemandEntry {
+                        tclass: c.tclass.clone(),
+                        size: c.size,
+                        per_min: rate,
+                    }),
+                }
+            }
+        }
+        if changed {
+            self.rec.count("flag_changes", 1);
+            for n in 0..self.nodes.len() {
+                self.replan(u32::try_from(n).unwrap_or(u32::MAX), now);
+            }
+        }
+    }
+}
+
+/// Runs updraft over `workload` on `nodes`.
+pub fn run(
+    nodes: Vec<NodeSpec>,
+    mut workload: Workload,
+    cfg: &UpdraftConfig,
+) -> Result<Report, WorkloadError> {
+    #[allow(clippy::disallowed_types)] // the simulator's own wall time, not simulated time
+    let wall = std::time::Instant::now();
+    let zone = cfg.map.default_zone.clone();
+    let count = nodes.len();
+    let largest = nodes
+        .iter()
+        .map(|n| n.capacity.clone())
+        .fold(Resources::default(), |a, c| a.max(&c));
+    let mut seeder = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let sims: Vec<NodeSim> = nodes
+        .iter()
+        .map(|n| NodeSim {
+            profile: NodeProfile {
+                id: n.id.clone(),
+                zone: zone.clone(),
+                traits: Vec::new(),
+            },
+            ledger: n.ledger(),
+            pulls: BTreeMap::new(),
+            next_pull: 0,
+            alive: true,
+            vms: 0,
+            rng: ChaCha8Rng::seed_from_u64(seeder.random()),
+        })
+        .collect();
+    let mut sim = Sim {
+        cfg,
+        zone,
+        shards: Vec::new(),
+        shard_ix: HashMap::new(),
+        classes: Vec::new(),
+        class_ix: HashMap::new(),
+        lanes: Vec::new(),
+        nodes: sims,
+        reqs: HashMap::new(),
+        waiting: Vec::new(),
+        flags: Vec::new(),
+        flag_set: BTreeSet::new(),
+        demand: Vec::new(),
+        arrivals_window: Vec::new(),
+        q: EventQueue::default(),
+        rng: ChaCha8Rng::seed_from_u64(seeder.random()),
+        rec: Recorder::default(),
+        in_use: 0,
+        largest,
+    };
+    // every node joins at time 0
+    for n in 0..count {
+        sim.replan(u32::try_from(n).unwrap_or(u32::MAX), 0);
+    }
+    let mut next = workload.next().transpose()?;
+    if let Some(a) = &next {
+        sim.q.push(a.at, Ev::Arrive);
+    }
+    sim.schedule_death(0);
+    let mut now = 0;
+    let mut next_sweep = 1000;
+    let mut next_sample = 0;
+    loop {
+        let busy = next.is_some() || !sim.reqs.is_empty();
+        if !busy {
+            break;
+        }
+        // periodic work interleaved with events, without flooding the queue
+        let t_ev = sim.q.peek_time().unwrap_or(Millis::MAX);
+        if next_sample <= t_ev && next_sample <= next_sweep {
+            now = next_sample;
+            sim.handle(now, Ev::Sample, &mut workload, &mut next)?;
+            next_sample += cfg.sample_every;
+            continue;
+        }
+        if next_sweep <= t_ev {
+            now = next_sweep;
+            if sim.waiting.iter().any(|w| !w.is_empty())
+                || !sim.flags.is_empty()
+                || now % 10_000 == 0
+            {
+                sim.handle(now, Ev::Sweep, &mut workload, &mut next)?;
+            }
+            next_sweep += 1000;
+            if t_ev == Millis::MAX {
+                // nothing scheduled: only running VMs would be left, but those have departures
+                break;
+            }
+            continue;
+        }
+        let Some((t, ev)) = sim.q.pop() else { break };
+        now = t;
+        sim.handle(now, ev, &mut workload, &mut next)?;
+    }
+    let events = sim.q.processed();
+    let mut rec = sim.rec;
+    rec.decisions = rec.counters.get("deliveries").copied().unwrap_or(0);
+    rec.work = rec.counters.get("pulls_issued").copied().unwrap_or(0) + rec.decisions;
+    let name = if cfg.pull.policy == Policy::Spread {
+        "updraft-spread"
+    } else {
+        "updraft"
+    };
+    Ok(rec.finish(name, now, wall.elapsed().as_secs_f64(), events, count))
+}
+
+/// Class index of `res` on `map` (for per-class waits of the central runs).
+pub fn size_class(map: &ShardMap, res: &Resources) -> u8 {
+    map.size_class_of(res).unwrap_or(u8::MAX)
+}
