@@ -167,11 +167,16 @@ impl Dispatcher {
                         let Ok(node) = NodeId::new(key.as_str()) else {
                             continue;
                         };
-                        self.view.write().expect("view lock").remove_advert(&node);
+                        let ended = self
+                            .view
+                            .write()
+                            .expect("view lock")
+                            .remove_advert(&node)
+                            .map(|a| a.epoch);
                         tracing::warn!(node.id = %node, "node lease ended; reaping its claims");
                         let me = self.clone();
                         self.tasks
-                            .spawn(async move { me.reap_node(&node, None).await });
+                            .spawn(async move { me.reap_node(&node, ended).await });
                     }
                     NodeEvent::Caught => {
                         let mut view = self.view.write().expect("view lock");
@@ -189,10 +194,11 @@ impl Dispatcher {
         }
     }
 
-    /// Reaps every open claim `node` holds under an epoch other than `live` (`None`: the
-    /// node is gone). Claimed and building requests are re-queued; active ones become
-    /// `host_down`. Returns how many records changed.
-    pub async fn reap_node(&self, node: &NodeId, live: Option<Epoch>) -> usize {
+    /// Reaps every open claim `node` holds under the epoch of its lease that `ended` or an
+    /// earlier one (`None`: that epoch is unknown, so every claim). A claim the node already
+    /// re-confirmed under a newer epoch stays. Claimed and building requests are re-queued;
+    /// active ones become `host_down`. Returns how many records changed.
+    pub async fn reap_node(&self, node: &NodeId, ended: Option<Epoch>) -> usize {
         let ids = self.view().claims_of(node);
         let max = self.cluster().max_attempts;
         let mut n = 0;
@@ -203,7 +209,7 @@ impl Dispatcher {
                 .records
                 .update(&id, |r| match &r.claim {
                     Some(c) if &c.node == node && r.state != State::Deleting => {
-                        r.reap(live, max, now)
+                        r.reap_expired(ended, max, now)
                     }
                     _ => Err(TransitionError::NotStale),
                 })

@@ -456,6 +456,22 @@ impl RequestRecord {
         }
     }
 
+    /// A dispatcher saw a node's lease expire; `ended` is the epoch of that lease (`None`
+    /// when the dispatcher never saw it). A claim made or re-confirmed under a later epoch is
+    /// not stale: the node came back and re-confirmed it before this expiry was handled.
+    pub fn reap_expired(
+        &self,
+        ended: Option<Epoch>,
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Result<Self, TransitionError> {
+        let claim = self.claim.as_ref().ok_or_else(|| self.illegal("reap"))?;
+        if ended.is_some_and(|e| claim.epoch > e) {
+            return Err(TransitionError::NotStale);
+        }
+        self.reap(None, max_attempts, now)
+    }
+
     /// A queued request gets its final answer: no node could take it in time.
     pub fn fail(
         &self,
@@ -802,7 +818,23 @@ mod tests {
         // the node comes back with its VM and re-confirms
         let back = down.reconfirm(&c, Epoch(4), Timestamp(5)).unwrap();
         assert_eq!(back.state, State::Active);
-        assert_eq!(back.claim.unwrap().epoch, Epoch(4));
+        assert_eq!(back.claim.clone().unwrap().epoch, Epoch(4));
+        // the expiry of the epoch-3 lease, handled after the node re-confirmed under epoch 4,
+        // leaves the claim alone; an expiry of epoch 4 (or of an unknown epoch) reaps it
+        assert_eq!(
+            back.reap_expired(Some(Epoch(3)), 5, Timestamp(6)),
+            Err(TransitionError::NotStale)
+        );
+        assert_eq!(
+            back.reap_expired(Some(Epoch(4)), 5, Timestamp(6))
+                .unwrap()
+                .state,
+            State::HostDown
+        );
+        assert_eq!(
+            back.reap_expired(None, 5, Timestamp(6)).unwrap().state,
+            State::HostDown
+        );
     }
 
     #[test]
