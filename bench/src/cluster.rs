@@ -129,6 +129,7 @@ impl Cluster {
                 ..Default::default()
             };
             c.nats.url = url.clone();
+            c.driver.kind = node_agent::config::DriverKind::Memory;
             c.driver.memory.build_time = Duration::ZERO;
             c.pull = pull.clone();
             let deps = node_agent::Deps {

@@ -45,9 +45,25 @@ pub struct UpArgs {
     /// How long one in-memory build takes.
     #[arg(long, default_value = "2s")]
     pub build_time: String,
+    /// Driver of the nodes: `memory` (in-memory VMs) or `libvirt` (real libvirt domains on
+    /// `--libvirt-uri`; each node-agent process gets its own `test:///default` by default).
+    #[arg(long, value_enum, default_value = "memory")]
+    pub driver: UpDriver,
+    /// libvirt connection of `--driver libvirt`.
+    #[arg(long, default_value = "test:///default")]
+    pub libvirt_uri: String,
     /// Exit once the demo workload has settled instead of running until Ctrl-C.
     #[arg(long)]
     pub exit_after_demo: bool,
+}
+
+/// Which driver the local cluster's nodes use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpDriver {
+    /// In-memory VMs.
+    Memory,
+    /// libvirt domains.
+    Libvirt,
 }
 
 /// Node shapes the local cluster cycles through: (vCPUs, memory GiB, disk GiB, traits, gpus).
@@ -257,9 +273,27 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
             format!("--set=capacity.vcpus={vcpus}"),
             format!("--set=capacity.memory_mib={}", mem_gib * 1024),
             format!("--set=capacity.disk_gib={disk}"),
-            "--set=driver.memory.build_jitter=1s".to_string(),
-            format!("--set=driver.memory.build_time={}", args.build_time),
         ];
+        match args.driver {
+            UpDriver::Memory => set.extend([
+                "--set=driver.kind=memory".to_string(),
+                "--set=driver.memory.build_jitter=1s".to_string(),
+                format!("--set=driver.memory.build_time={}", args.build_time),
+            ]),
+            UpDriver::Libvirt => set.extend([
+                "--set=driver.kind=libvirt".to_string(),
+                format!("--set=driver.libvirt.uri={}", args.libvirt_uri),
+                format!(
+                    "--set=driver.libvirt.instances_dir={}",
+                    state.join("instances").display()
+                ),
+                format!(
+                    "--set=driver.libvirt.console_dir={}",
+                    state.join("console").display()
+                ),
+                "--set=driver.libvirt.network=none".to_string(),
+            ]),
+        }
         if !traits.is_empty() {
             set.push(format!("--set=traits=[\"{traits}\"]"));
         }

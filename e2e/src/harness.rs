@@ -167,6 +167,7 @@ pub fn agent_config(
         ..Default::default()
     };
     c.nats.url = url.to_string();
+    c.driver.kind = node_agent::config::DriverKind::Memory;
     c.driver.memory.build_time = Duration::from_millis(20);
     c.pull.expiry = Duration::from_secs(5);
     // every node pulls at once (the pack policy's open tiers have their own test)
@@ -327,6 +328,7 @@ impl Harness {
             format!("--set=capacity.vcpus={}", totals.vcpus),
             format!("--set=capacity.memory_mib={}", totals.memory_mib),
             format!("--set=capacity.disk_gib={}", totals.disk_gib),
+            "--set=driver.kind=memory".into(),
             "--set=driver.memory.build_time=20ms".into(),
             "--set=pull.expiry=5s".into(),
             "--set=pull.open_tiers=1".into(),

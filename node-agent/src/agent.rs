@@ -37,6 +37,17 @@ pub enum Phase {
     Deleting,
 }
 
+/// What to do once the domain of a request whose cleanup failed is confirmed gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterCleanup {
+    /// Hand the request back (next attempt, this node excluded), with this reason.
+    GiveBack(String),
+    /// Forget it and return its capacity (the record moved on).
+    Release,
+    /// Finish the delete the user asked for.
+    FinishDelete,
+}
+
 /// A request this node holds, and the claim it holds it under.
 #[derive(Debug, Clone)]
 pub struct Owned {
@@ -70,6 +81,9 @@ pub struct Inner {
     pub next_pull: u64,
     /// Requests held, by id.
     pub owned: BTreeMap<RequestId, Owned>,
+    /// Held requests whose domain could not be confirmed destroyed: their capacity stays
+    /// allocated until a later cleanup succeeds (reconcile retries them).
+    pub unclean: BTreeMap<RequestId, AfterCleanup>,
     /// Revision of our advert (the lease).
     pub lease_rev: u64,
     /// Last successful renewal.

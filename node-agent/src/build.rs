@@ -11,12 +11,14 @@ use bus::records::UpdateError;
 use placement::RequestId;
 use placement::lifecycle::{RequestRecord, State};
 
-use crate::agent::{Agent, Phase};
+use crate::agent::{AfterCleanup, Agent, Phase};
 use crate::driver::VmSpec;
 use crate::metrics as m;
 
 /// Destroy attempts before cleanup is declared unconfirmed.
 const DESTROY_ATTEMPTS: u32 = 5;
+/// Start of the unhealthy reason while some cleanup is unconfirmed.
+pub const UNCLEAN: &str = "cleanup unconfirmed";
 
 impl Agent {
     fn set_phase(&self, id: &RequestId, phase: Phase) {
@@ -73,7 +75,11 @@ impl Agent {
             Err(e) => {
                 metrics::counter!(m::BUILDS, "outcome" => "failed").increment(1);
                 tracing::warn!(request.id = %id, error = %e, "build failed; cleaning up and handing back");
-                if !self.destroy_confirmed(&id).await {
+                let reason = format!("build failed on {}: {e}", self.identity.node);
+                if !self
+                    .destroy_confirmed(&id, AfterCleanup::GiveBack(reason.clone()))
+                    .await
+                {
                     return;
                 }
                 let failures = {
@@ -81,8 +87,7 @@ impl Agent {
                     inner.consecutive_failures += 1;
                     inner.consecutive_failures
                 };
-                self.give_back(&id, &format!("build failed on {}: {e}", self.identity.node))
-                    .await;
+                self.give_back(&id, &reason).await;
                 if failures >= self.cfg.max_build_failures {
                     let why =
                         format!("{failures} consecutive build failures (last: {e}); self-cordoned");
@@ -133,17 +138,19 @@ impl Agent {
         }
     }
 
-    /// Destroys a domain, retrying; false (and the node marked unhealthy) when cleanup cannot
-    /// be confirmed: its capacity then stays allocated.
-    pub async fn destroy_confirmed(&self, id: &RequestId) -> bool {
+    /// Destroys a domain, retrying; false when cleanup cannot be confirmed: the node turns
+    /// unhealthy, the capacity stays allocated, and `then` waits in `unclean` for a reconcile
+    /// that confirms the cleanup (see [`Agent::retry_cleanups`]).
+    pub async fn destroy_confirmed(&self, id: &RequestId, then: AfterCleanup) -> bool {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=DESTROY_ATTEMPTS {
             match self.driver.destroy(id).await {
                 Ok(()) => return true,
                 Err(e) if attempt == DESTROY_ATTEMPTS => {
-                    let why = format!("cannot destroy {id}: {e}");
+                    let why = format!("{UNCLEAN}: cannot destroy {id}: {e}");
                     tracing::error!(reason = %why, "cleanup unconfirmed; capacity stays allocated");
                     let mut inner = self.lock();
+                    inner.unclean.insert(id.clone(), then);
                     inner.mode.unhealthy = Some(why);
                     self.stop_pulling(&mut inner);
                     return false;
@@ -222,16 +229,16 @@ impl Agent {
         }
         if still_ours {
             tracing::info!(request.id = %id, "record still ours but the build could not start; handing it back");
-            if self.destroy_confirmed(id).await {
-                self.give_back(
-                    id,
-                    &format!("build could not start on {}", self.identity.node),
-                )
-                .await;
+            let reason = format!("build could not start on {}", self.identity.node);
+            if self
+                .destroy_confirmed(id, AfterCleanup::GiveBack(reason.clone()))
+                .await
+            {
+                self.give_back(id, &reason).await;
             }
             return;
         }
-        if !self.destroy_confirmed(id).await {
+        if !self.destroy_confirmed(id, AfterCleanup::Release).await {
             return;
         }
         metrics::counter!(m::BUILDS, "outcome" => "superseded").increment(1);
@@ -241,5 +248,46 @@ impl Agent {
         inner.ledger.release(id);
         drop(inner);
         self.replan.notify_one();
+    }
+
+    /// Retries every unconfirmed cleanup; once a domain is confirmed gone, does what was
+    /// waiting for it. Lifts the unhealthy state when nothing is left unclean.
+    pub async fn retry_cleanups(&self) {
+        let pending: Vec<(RequestId, AfterCleanup)> = self
+            .lock()
+            .unclean
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, then) in pending {
+            if let Err(e) = self.driver.destroy(&id).await {
+                tracing::debug!(request.id = %id, error = %e, "cleanup still unconfirmed");
+                continue;
+            }
+            self.lock().unclean.remove(&id);
+            tracing::info!(request.id = %id, "cleanup confirmed");
+            match then {
+                AfterCleanup::GiveBack(reason) => self.give_back(&id, &reason).await,
+                AfterCleanup::FinishDelete => self.finish_delete(&id).await,
+                AfterCleanup::Release => {
+                    let mut inner = self.lock();
+                    inner.owned.remove(&id);
+                    inner.ledger.release(&id);
+                }
+            }
+        }
+        let mut inner = self.lock();
+        if inner.unclean.is_empty()
+            && inner
+                .mode
+                .unhealthy
+                .as_deref()
+                .is_some_and(|r| r.starts_with(UNCLEAN))
+        {
+            inner.mode.unhealthy = None;
+            drop(inner);
+            tracing::info!("every cleanup confirmed; taking work again");
+            self.replan.notify_one();
+        }
     }
 }

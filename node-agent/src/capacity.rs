@@ -1,12 +1,13 @@
-//! What the host has: discovered (sysinfo: logical CPUs, memory; the file system of the state
-//! or instances directory for disk), then overridden by config where set.
+//! What the host has: discovered (libvirt's node info, else sysinfo: logical CPUs, memory; the
+//! file system of the instances or state directory for disk), then overridden by config.
 
 use std::path::Path;
 
 use placement::Resources;
 use placement::ids::ResourceName;
 
-use crate::config::CapacityConfig;
+use crate::config::{CapacityConfig, Config, DriverKind};
+use crate::driver::Driver;
 
 /// A source of host totals.
 pub trait CapacitySource: Send + Sync {
@@ -45,6 +46,45 @@ pub fn disk_gib_of(dir: &Path) -> u64 {
         .max_by_key(|d| d.mount_point().as_os_str().len())
         .map(|d| d.total_space() / (1024 * 1024 * 1024))
         .unwrap_or(0)
+}
+
+/// Discovery through the hypervisor (CPUs and memory as libvirt reports them) plus the file
+/// system of `disk_dir`.
+#[derive(Debug, Clone)]
+pub struct Hypervisor {
+    /// Logical CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// A directory on the file system VM disks live on.
+    pub disk_dir: std::path::PathBuf,
+}
+
+impl CapacitySource for Hypervisor {
+    fn discover(&self) -> Resources {
+        Resources::new(self.vcpus, self.memory_mib, disk_gib_of(&self.disk_dir))
+    }
+}
+
+/// The capacity source for an agent: the hypervisor's own figures when its driver has any
+/// (libvirt's node info), else sysinfo; disk from the file system VM disks go to.
+pub async fn discover_for(cfg: &Config, driver: &dyn Driver) -> Box<dyn CapacitySource> {
+    let disk_dir = match cfg.driver.kind {
+        DriverKind::Libvirt => cfg.driver.libvirt.instances_dir.clone(),
+        DriverKind::Memory => cfg.state_dir.clone(),
+    };
+    match driver.host().await {
+        Ok(Some((vcpus, memory_mib))) => Box::new(Hypervisor {
+            vcpus,
+            memory_mib,
+            disk_dir,
+        }),
+        Ok(None) => Box::new(Sysinfo { disk_dir }),
+        Err(e) => {
+            tracing::warn!(error = %e, "the hypervisor cannot say what the host has; using sysinfo");
+            Box::new(Sysinfo { disk_dir })
+        }
+    }
 }
 
 /// Fixed totals (tests, and hosts whose capacity is all configured).

@@ -10,7 +10,7 @@ use placement::lifecycle::State;
 use placement::wire::CommandKind;
 use tracing::Instrument;
 
-use crate::agent::{Agent, Phase};
+use crate::agent::{AfterCleanup, Agent, Phase};
 use crate::metrics as m;
 
 impl Agent {
@@ -103,7 +103,7 @@ impl Agent {
             Some(State::Deleting) if same_owner => self.finish_delete(&id).await,
             Some(State::Deleted) | None => {
                 // finished elsewhere (forced, or a retry): make sure nothing of it is left here
-                if ours.is_some() && self.destroy_confirmed(&id).await {
+                if ours.is_some() && self.destroy_confirmed(&id, AfterCleanup::Release).await {
                     let mut inner = self.lock();
                     inner.owned.remove(&id);
                     inner.ledger.release(&id);
@@ -127,7 +127,7 @@ impl Agent {
     /// Destroys the VM, marks the record deleted, returns the capacity, clears the command.
     pub async fn finish_delete(&self, id: &RequestId) {
         self.set_phase_deleting(id);
-        if !self.destroy_confirmed(id).await {
+        if !self.destroy_confirmed(id, AfterCleanup::FinishDelete).await {
             return;
         }
         let now = common::clock::now();

@@ -60,10 +60,90 @@ impl Default for ReservedConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriverKind {
-    /// In-memory VMs (tests, demos, the load bench).
+    /// Real domains through libvirt (`driver.libvirt`).
     #[default]
+    Libvirt,
+    /// In-memory VMs (tests, demos, the load bench).
     Memory,
 }
+
+/// The libvirt domain type (`<domain type=...>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainTypeSetting {
+    /// Probe at start: `kvm` when a probe guest really runs under KVM and runs faster than
+    /// under emulation, else `qemu`; `test` on libvirt's test driver.
+    #[default]
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation (TCG).
+    Qemu,
+    /// libvirt's test driver (`test:///default`).
+    Test,
+}
+
+/// The libvirt driver's behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Connection URI (`qemu:///system`; `test:///default` for demos and tests).
+    pub uri: String,
+    /// Domain type; `auto` probes.
+    pub domain_type: DomainTypeSetting,
+    /// Storage pool of instance disks: a directory pool, defined at `instances_dir` (and
+    /// started) when missing. Base images are volumes of this pool.
+    pub pool: String,
+    /// Directory of the pool (and of the probe's scratch files).
+    pub instances_dir: PathBuf,
+    /// Base image (a volume of `pool`) for requests that name none; unset: a blank disk.
+    pub default_image: Option<String>,
+    /// Network of every VM: `none`, `user`, `network:<libvirt network>` or `bridge:<name>`.
+    pub network: String,
+    /// Direct kernel boot: kernel image (unset: boot from the disk).
+    pub kernel: Option<PathBuf>,
+    /// Direct kernel boot: initrd.
+    pub initrd: Option<PathBuf>,
+    /// Direct kernel boot: kernel command line.
+    pub cmdline: String,
+    /// Where each VM's serial console log goes (`<dir>/<domain name>.log`).
+    pub console_dir: PathBuf,
+    /// Machine type (`q35`, `pc`); unset: libvirt's default.
+    pub machine: Option<String>,
+    /// Longest wait for a started domain to report running.
+    #[serde(with = "humantime_serde")]
+    pub boot_timeout: Duration,
+    /// Longest wait for the domain-type probe guest's marker.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Longest pause between reconnect attempts after libvirt went away.
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_backoff: Duration,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: DEFAULT_LIBVIRT_URI.into(),
+            domain_type: DomainTypeSetting::Auto,
+            pool: "updraft".into(),
+            instances_dir: PathBuf::from("/var/lib/updraft/instances"),
+            default_image: None,
+            network: "network:default".into(),
+            kernel: None,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            console_dir: PathBuf::from("/var/log/updraft/console"),
+            machine: None,
+            boot_timeout: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(10),
+            max_reconnect_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Default libvirt connection.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 
 /// The in-memory driver's behaviour.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,13 +170,30 @@ impl Default for MemoryDriverConfig {
 }
 
 /// Driver settings.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DriverConfig {
     /// Which driver.
     pub kind: DriverKind,
+    /// libvirt driver settings.
+    pub libvirt: LibvirtConfig,
     /// In-memory driver settings.
     pub memory: MemoryDriverConfig,
+    /// How often the agent checks that the hypervisor answers (an unhealthy node stops
+    /// pulling, and reconciles once the hypervisor is back).
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            kind: DriverKind::default(),
+            libvirt: LibvirtConfig::default(),
+            memory: MemoryDriverConfig::default(),
+            health_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Everything the node-agent reads.
@@ -198,6 +295,45 @@ pub enum ConfigError {
     /// Pull settings out of range.
     #[error("pull: {0}")]
     Pull(String),
+    /// libvirt settings that cannot work.
+    #[error("{0}")]
+    Libvirt(String),
+}
+
+impl LibvirtConfig {
+    /// Checks the libvirt settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Libvirt(m));
+        if self.uri.trim().is_empty() {
+            return bad("driver.libvirt.uri must not be empty".into());
+        }
+        if crate::driver::libvirt::xml::Network::parse(&self.network).is_none() {
+            return bad(format!(
+                "driver.libvirt.network: `{}` is not none, user, network:<name> or bridge:<name>",
+                self.network
+            ));
+        }
+        if !crate::driver::libvirt::xml::is_volume_name(&self.pool) {
+            return bad(format!(
+                "driver.libvirt.pool: `{}` must be letters, digits, `.`, `_` or `-`",
+                self.pool
+            ));
+        }
+        if let Some(img) = &self.default_image
+            && !crate::driver::libvirt::xml::is_volume_name(img)
+        {
+            return bad(format!(
+                "driver.libvirt.default_image: `{img}` must be a volume name of the pool"
+            ));
+        }
+        if self.initrd.is_some() && self.kernel.is_none() {
+            return bad("driver.libvirt.initrd needs driver.libvirt.kernel".into());
+        }
+        if self.boot_timeout.is_zero() || self.probe_timeout.is_zero() {
+            return bad("driver.libvirt.boot_timeout and probe_timeout must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -239,6 +375,12 @@ impl Config {
         let f = self.driver.memory.failure_rate;
         if !(0.0..=1.0).contains(&f) {
             return Err(ConfigError::FailureRate(f));
+        }
+        self.driver.libvirt.validate()?;
+        if self.driver.health_interval.is_zero() {
+            return Err(ConfigError::Libvirt(
+                "driver.health_interval must be positive".into(),
+            ));
         }
         if self.pull.max_pulls == 0 || self.pull.expiry < Duration::from_millis(100) {
             return Err(ConfigError::Pull(

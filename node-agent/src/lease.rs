@@ -15,7 +15,7 @@ use bus::BusError;
 use placement::lifecycle::State;
 use placement::{Epoch, RequestId};
 
-use crate::agent::{Agent, Phase};
+use crate::agent::{AfterCleanup, Agent, Phase};
 use crate::metrics as m;
 
 impl Agent {
@@ -212,7 +212,7 @@ impl Agent {
             }
             metrics::counter!(m::FENCE_DESTROYS).increment(1);
             tracing::warn!(request.id = %id, "claim lost while fenced; destroying our copy");
-            if self.destroy_confirmed(&id).await {
+            if self.destroy_confirmed(&id, AfterCleanup::Release).await {
                 let mut inner = self.lock();
                 inner.owned.remove(&id);
                 inner.ledger.release(&id);

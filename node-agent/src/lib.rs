@@ -52,9 +52,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, Inner, Phase};
+use crate::agent::{AfterCleanup, Agent, Inner, Phase};
 use crate::capacity::CapacitySource;
 use crate::config::{Config, DriverKind};
+use crate::driver::libvirt::LibvirtDriver;
 use crate::driver::{BuildLog, Driver, memory::MemoryDriver};
 use crate::identity::Identity;
 use crate::mode::Mode;
@@ -162,11 +163,28 @@ pub async fn start(
         .iter()
         .map(|t| TraitName::new(t.as_str()))
         .collect::<Result<Vec<_>, _>>()?;
-    let source: Box<dyn CapacitySource> = deps.capacity.unwrap_or_else(|| {
-        Box::new(capacity::Sysinfo {
-            disk_dir: cfg.state_dir.clone(),
-        })
-    });
+    let driver: Arc<dyn Driver> = match deps.driver {
+        Some(d) => d,
+        None => match cfg.driver.kind {
+            DriverKind::Memory => Arc::new(MemoryDriver::new(
+                node.clone(),
+                cfg.driver.memory.clone(),
+                BuildLog::in_dir(&cfg.state_dir),
+            )),
+            DriverKind::Libvirt => Arc::new(
+                LibvirtDriver::new(
+                    node.clone(),
+                    cfg.driver.libvirt.clone(),
+                    BuildLog::in_dir(&cfg.state_dir),
+                )
+                .context("libvirt driver")?,
+            ),
+        },
+    };
+    let source: Box<dyn CapacitySource> = match deps.capacity {
+        Some(c) => c,
+        None => capacity::discover_for(&cfg, driver.as_ref()).await,
+    };
     let totals = capacity::totals(&cfg.capacity, source.as_ref());
     let reserved = Resources::new(
         cfg.reserved.vcpus,
@@ -176,16 +194,6 @@ pub async fn start(
     let ledger = NodeLedger::new(totals.clone(), reserved, cfg.ratios)
         .context("capacity from totals, reserve and ratios")?;
     tracing::info!(totals = %totals, capacity = %ledger.capacity(), "capacity");
-    let driver: Arc<dyn Driver> = match deps.driver {
-        Some(d) => d,
-        None => match cfg.driver.kind {
-            DriverKind::Memory => Arc::new(MemoryDriver::new(
-                node.clone(),
-                cfg.driver.memory.clone(),
-                BuildLog::in_dir(&cfg.state_dir),
-            )),
-        },
-    };
     let (puller, events) = bus::puller::Puller::new(client.clone());
     let seed = placement::ids::stable_hash(&[node.as_str().as_bytes(), &epoch.0.to_le_bytes()]);
     let inner = Inner {
@@ -203,6 +211,7 @@ pub async fn start(
         pulls: BTreeMap::new(),
         next_pull: 0,
         owned: BTreeMap::new(),
+        unclean: BTreeMap::new(),
         lease_rev: 0,
         last_renewal: tokio::time::Instant::now(),
         consecutive_failures: 0,
@@ -240,6 +249,7 @@ pub async fn start(
     agent.tasks.spawn(agent.clone().command_loop());
     agent.tasks.spawn(agent.clone().cluster_loop());
     agent.tasks.spawn(agent.clone().reconcile_loop());
+    agent.tasks.spawn(agent.clone().health_loop());
     agent.tasks.spawn(agent.clone().conn_loop());
     agent.replan.notify_one();
     tracing::info!(node.id = %node, "node agent running");
@@ -277,12 +287,12 @@ impl Agent {
             .collect();
         for id in unfinished {
             tracing::warn!(request.id = %id, "build unfinished at shutdown; handing it back");
-            if self.destroy_confirmed(&id).await {
-                self.give_back(
-                    &id,
-                    &format!("node {} shut down during the build", self.identity.node),
-                )
-                .await;
+            let reason = format!("node {} shut down during the build", self.identity.node);
+            if self
+                .destroy_confirmed(&id, AfterCleanup::GiveBack(reason.clone()))
+                .await
+            {
+                self.give_back(&id, &reason).await;
             }
         }
         let (node, rev) = { (self.identity.node.clone(), self.lock().lease_rev) };

@@ -47,9 +47,48 @@ impl Agent {
         }
     }
 
+    /// Asks the hypervisor whether it answers every `driver.health_interval`. When it stops
+    /// answering the node turns unhealthy (advertised with the reason) and stops pulling; when
+    /// it answers again the node reconciles (which lifts the unhealthy state) and pulls again.
+    pub async fn health_loop(self: Arc<Self>) {
+        const PREFIX: &str = "hypervisor unreachable";
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.driver.health_interval) => {}
+            }
+            let down = self
+                .lock()
+                .mode
+                .unhealthy
+                .as_deref()
+                .is_some_and(|r| r.starts_with(PREFIX));
+            match self.driver.health().await {
+                Ok(()) if down => {
+                    let report = self.reconcile().await;
+                    tracing::info!(
+                        adopted = report.adopted,
+                        vanished = report.vanished,
+                        foreign = report.foreign,
+                        "reconciled after the hypervisor came back"
+                    );
+                }
+                Ok(()) => {}
+                Err(e) if !down => {
+                    tracing::error!(error = %e, "hypervisor unreachable; not taking work");
+                    let mut inner = self.lock();
+                    inner.mode.unhealthy = Some(format!("{PREFIX}: {e}"));
+                    self.stop_pulling(&mut inner);
+                }
+                Err(e) => tracing::debug!(error = %e, "hypervisor still unreachable"),
+            }
+        }
+    }
+
     /// One pass.
     pub async fn reconcile(&self) -> Report {
         let mut report = Report::default();
+        self.retry_cleanups().await;
         let domains = match self.driver.list().await {
             Ok(d) => {
                 let mut inner = self.lock();
@@ -57,7 +96,7 @@ impl Agent {
                     .mode
                     .unhealthy
                     .as_deref()
-                    .is_some_and(|r| r.starts_with("hypervisor"))
+                    .is_some_and(|r| r.starts_with("hypervisor unreachable"))
                 {
                     tracing::info!("hypervisor reachable again");
                     inner.mode.unhealthy = None;
@@ -82,8 +121,11 @@ impl Agent {
                     ours.insert(r, d);
                 }
                 None => {
+                    // counted against capacity while it runs; never touched
                     report.foreign += 1;
-                    foreign = foreign.checked_add(&d.resources).unwrap_or(foreign);
+                    if d.running {
+                        foreign = foreign.checked_add(&d.resources).unwrap_or(foreign);
+                    }
                 }
             }
         }

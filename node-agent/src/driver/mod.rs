@@ -4,6 +4,7 @@
 //! Every driver appends its own build and destroy events to a JSON-lines log in the state dir
 //! (its own record of what really ran, independent of KV): the invariant checker reads these.
 
+pub mod libvirt;
 pub mod memory;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<DomainInfo>, DriverError>;
     /// Ok when the hypervisor answers.
     async fn health(&self) -> Result<(), DriverError>;
+    /// The host as the hypervisor sees it: (logical CPUs, memory MiB); `None` when the driver
+    /// has no hypervisor to ask.
+    async fn host(&self) -> Result<Option<(u32, u64)>, DriverError> {
+        Ok(None)
+    }
 }
 
 /// One line of a driver's log.
