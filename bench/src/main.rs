@@ -6,6 +6,7 @@
 
 mod broker;
 mod cluster;
+mod libvirt;
 mod place;
 mod raw;
 
@@ -54,6 +55,43 @@ struct Cli {
     /// Experiments: tiers empty nodes open in.
     #[arg(long)]
     open_tiers: Option<u8>,
+    /// Only the libvirt run: boot this many real guests on qemu:///system, one after another.
+    #[arg(long)]
+    libvirt_guests: Option<usize>,
+    /// The test guest for the libvirt run (default: the setup script's `.tools/guest`).
+    #[arg(long)]
+    guest_dir: Option<std::path::PathBuf>,
+}
+
+fn pct(v: &[u64], q: f64) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )] // an index into a short list
+    let i = ((s.len() as f64 - 1.0) * q).round() as usize;
+    s.get(i).copied().unwrap_or(0)
+}
+
+async fn libvirt_run(guests: usize, dir: std::path::PathBuf) -> anyhow::Result<()> {
+    let r = libvirt::run(guests, &dir).await?;
+    println!(
+        "| run | domain type | claim → first serial line p50 / max (ms) | claim → init marker p50 / max (ms) | agent RSS, 0 guests | agent RSS, {guests} guests |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {guests} guests, one after another | {} | {} / {} | {} / {} | {:.1} MiB | {:.1} MiB |",
+        r.domain_type,
+        pct(&r.first_line_ms, 0.5),
+        pct(&r.first_line_ms, 1.0),
+        pct(&r.marker_ms, 0.5),
+        pct(&r.marker_ms, 1.0),
+        r.rss_idle_kib as f64 / 1024.0,
+        r.rss_busy_kib as f64 / 1024.0
+    );
+    Ok(())
 }
 
 fn row(name: &str, r: &PlaceResult) -> String {
@@ -113,6 +151,13 @@ async fn idle(agents: usize, secs: u64, node: &Resources) -> anyhow::Result<(f64
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<()> {
+    if let Some(g) = cli.libvirt_guests {
+        let dir = cli
+            .guest_dir
+            .clone()
+            .unwrap_or_else(libvirt::default_guest_dir);
+        return libvirt_run(g, dir).await;
+    }
     // hosts that could each hold a whole run: capacity never limits a run (and never makes
     // requests wait for another tier of empty hosts to open), and the hosts a run uses show
     // how pack concentrates a burst (against the bin-packing lower bound)

@@ -97,6 +97,19 @@ fn insert(dict: &mut Dict, parts: &[&str], value: Value) {
     }
 }
 
+/// The `--set` flags as a figment provider, named so errors say where a value came from.
+struct Flags(Dict);
+
+impl figment::Provider for Flags {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("--set flags")
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
+}
+
 /// The layered figment (exposed so binaries can print where a value came from).
 pub fn figment<T: Serialize + Default>(src: &Sources<'_>) -> Result<Figment, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(T::default()));
@@ -111,7 +124,7 @@ pub fn figment<T: Serialize + Default>(src: &Sources<'_>) -> Result<Figment, Con
     }
     let sets = parse_sets(src.sets)?;
     if !sets.is_empty() {
-        fig = fig.merge(Serialized::globals(sets));
+        fig = fig.merge(Flags(sets));
     }
     Ok(fig)
 }
@@ -123,6 +136,93 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     figment::<T>(src)?
         .extract()
         .map_err(|e| ConfigError::Invalid(describe(&e)))
+}
+
+/// Keys whose values are secrets: shown as `<redacted>` by [`render`].
+pub const SECRET_KEYS: &[&str] = &["password", "token", "api_token"];
+
+/// The configuration as TOML (what `--print-config` shows), secrets redacted. Unset optional
+/// keys are absent (TOML has no null).
+pub fn render<T: Serialize>(cfg: &T) -> Result<String, ConfigError> {
+    let mut v = toml::Value::try_from(cfg).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    redact(&mut v);
+    toml::to_string_pretty(&v).map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
+fn redact(v: &mut toml::Value) {
+    if let toml::Value::Table(t) = v {
+        for (k, val) in t.iter_mut() {
+            if SECRET_KEYS.contains(&k.as_str()) && val.is_str() {
+                *val = toml::Value::String("<redacted>".into());
+            } else {
+                redact(val);
+            }
+        }
+    }
+}
+
+/// Every leaf key of a config as a dotted path (`nats.url`); arrays of tables contribute the
+/// keys of their first element (`flavors.name`). For tests that check a documented example
+/// names every key.
+pub fn leaf_keys<T: Serialize>(cfg: &T) -> Vec<String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) if !t.is_empty() || prefix.is_empty() => {
+                for (k, val) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&p, val, out);
+                }
+            }
+            toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => {
+                walk(prefix, &a[0], out);
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// The dotted keys an annotated TOML example names, set or commented out (`# key = ...`),
+/// under the tables its headers open, and those tables themselves (commented headers count
+/// too).
+pub fn documented_keys(text: &str) -> std::collections::BTreeSet<String> {
+    let mut table = String::new();
+    let mut out = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let l = line.trim_start_matches([' ', '#']).trim();
+        if let Some(h) = l.strip_prefix('[') {
+            table = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            out.insert(table.clone());
+            continue;
+        }
+        let Some((key, _)) = l.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        out.insert(if table.is_empty() {
+            key.to_string()
+        } else {
+            format!("{table}.{key}")
+        });
+    }
+    out
 }
 
 fn describe(e: &figment::Error) -> String {
@@ -231,6 +331,44 @@ mod tests {
             assert!(e.contains("INTERVAL") && e.contains("UPDRAFT_T_"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn keys_of_configs_and_of_annotated_examples() {
+        let keys = leaf_keys(&Cfg::default());
+        assert!(keys.contains(&"inner.url".to_string()), "{keys:?}");
+        assert!(keys.contains(&"interval".to_string()));
+        let doc =
+            "name = \"x\"\n# interval = \"5s\"\n[inner]\nurl = \"y\" # c\n# [[more]]\n# a = 1\n";
+        let d = documented_keys(doc);
+        for k in ["name", "interval", "inner.url", "more.a"] {
+            assert!(d.contains(k), "{k} in {d:?}");
+        }
+    }
+
+    #[test]
+    fn render_round_trips_and_redacts_secrets() {
+        let c = Cfg::default();
+        let text = render(&c).unwrap();
+        let back: Cfg = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        #[derive(Serialize)]
+        struct WithSecret {
+            nats: Nats,
+        }
+        #[derive(Serialize)]
+        struct Nats {
+            url: String,
+            password: String,
+        }
+        let s = render(&WithSecret {
+            nats: Nats {
+                url: "nats://a".into(),
+                password: "hunter2".into(),
+            },
+        })
+        .unwrap();
+        assert!(s.contains("<redacted>") && !s.contains("hunter2"), "{s}");
     }
 
     #[test]

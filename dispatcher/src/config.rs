@@ -307,6 +307,48 @@ impl Config {
 mod tests {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../../deploy/config/dispatcher.toml");
+
+    #[test]
+    fn the_deploy_example_is_the_defaults_and_names_every_key() {
+        let parsed: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(parsed, Config::default());
+        let mut full = Config {
+            api_token: Some(Secret("t".into())),
+            flavors: vec![FlavorConfig {
+                name: "f".into(),
+                vcpus: 1,
+                memory_mib: 1,
+                disk_gib: 1,
+                extended: BTreeMap::from([("gpu".to_string(), 1)]),
+                required_traits: vec!["gpu".into()],
+            }],
+            ..Default::default()
+        };
+        full.nats.creds_file = Some("c".into());
+        full.nats.nkey_seed_file = Some("k".into());
+        full.nats.user = Some("u".into());
+        full.nats.password = Some(Secret("p".into()));
+        full.nats.token = Some(Secret("t".into()));
+        full.nats.tls_ca_file = Some("ca".into());
+        full.nats.tls_cert_file = Some("cert".into());
+        full.nats.tls_key_file = Some("key".into());
+        full.nats.inbox_prefix = Some("_INBOX.x".into());
+        let documented = common::config::documented_keys(EXAMPLE);
+        for key in common::config::leaf_keys(&full) {
+            // `flavors.extended.gpu` is an example value, not a key
+            let key = if key.starts_with("flavors.extended.") {
+                "flavors.extended".to_string()
+            } else {
+                key
+            };
+            assert!(
+                documented.contains(&key),
+                "deploy/config/dispatcher.toml does not name `{key}`"
+            );
+        }
+    }
+
     #[test]
     fn defaults_make_a_valid_cluster() {
         let c = Config::default();

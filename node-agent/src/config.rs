@@ -406,6 +406,48 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    const EXAMPLE: &str = include_str!("../../deploy/config/node-agent.toml");
+
+    #[test]
+    fn the_deploy_example_is_the_defaults_and_names_every_key() {
+        let parsed: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(parsed, Config::default());
+        // every key, optional ones too (commented out in the example)
+        let mut full = Config {
+            node_id: Some("n".into()),
+            zone: Some("z".into()),
+            metrics_listen: Some("127.0.0.1:9101".parse().unwrap()),
+            ..Default::default()
+        };
+        full.capacity = CapacityConfig {
+            vcpus: Some(1),
+            memory_mib: Some(1),
+            disk_gib: Some(1),
+            extended: BTreeMap::new(),
+        };
+        full.nats.creds_file = Some("c".into());
+        full.nats.nkey_seed_file = Some("k".into());
+        full.nats.user = Some("u".into());
+        full.nats.password = Some(bus::connect::Secret("p".into()));
+        full.nats.token = Some(bus::connect::Secret("t".into()));
+        full.nats.tls_ca_file = Some("ca".into());
+        full.nats.tls_cert_file = Some("cert".into());
+        full.nats.tls_key_file = Some("key".into());
+        full.nats.inbox_prefix = Some("_INBOX.x".into());
+        let lv = &mut full.driver.libvirt;
+        lv.default_image = Some("i".into());
+        lv.kernel = Some("k".into());
+        lv.initrd = Some("i".into());
+        lv.machine = Some("q35".into());
+        let documented = common::config::documented_keys(EXAMPLE);
+        for key in common::config::leaf_keys(&full) {
+            assert!(
+                documented.contains(&key),
+                "deploy/config/node-agent.toml does not name `{key}`"
+            );
+        }
+    }
+
     #[test]
     fn validation_names_the_key() {
         let c = Config {

@@ -18,6 +18,10 @@ struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print the effective configuration (every key, after file, environment and flags; secrets
+    /// redacted) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +33,10 @@ fn main() -> anyhow::Result<()> {
     };
     let cfg: node_agent::config::Config = common::config::load(&src)?;
     cfg.validate().context("invalid configuration")?;
+    if cli.print_config {
+        print!("{}", common::config::render(&cfg)?);
+        return Ok(());
+    }
     if cli.check_config {
         println!("configuration is valid");
         return Ok(());

@@ -6,7 +6,8 @@
 //! | domain with a request id, not in the ledger | anything else | destroy: an updraft domain nobody holds |
 //! | ledger entry, no domain, build in progress | — | nothing: never free a build in progress |
 //! | ledger entry, no domain | active / deleting | free the capacity; the request is lost / deleted |
-//! | domain without a request id | — | count against capacity, never touch |
+//! | domain without updraft metadata | — | count against capacity while it runs, never touch |
+//! | held request whose cleanup failed | — | retry the destroy, then hand back / release / finish the delete |
 //! | any | record unreadable | nothing: no destroy while KV is unreachable |
 //!
 //! Adopting onto a full ledger marks the node overcommitted, which cordons it.

@@ -164,14 +164,6 @@ pub const TIMER_SUBJECTS: &str = "updraft.v1.timer.>";
 /// Filter of the timer consumer.
 pub const TIMER_FIRE_FILTER: &str = "updraft.v1.timer.fire.>";
 
-/// Subject of state-change events for one request (core NATS, informational).
-pub fn event_subject(id: &RequestId) -> String {
-    format!("{ROOT}.evt.req.{id}")
-}
-
-/// Wildcard over all request events.
-pub const EVENTS_WILDCARD: &str = "updraft.v1.evt.req.*";
-
 /// Subject of one API endpoint (`updraft.v1.api.servers.create`).
 pub fn api_subject(endpoint: &str) -> String {
     format!("{API_PREFIX}.{endpoint}")
@@ -246,7 +238,10 @@ mod tests {
     fn subjects_are_lowercase_tokens() {
         let s = shard();
         let id = RequestId::new("x-1").unwrap();
-        for subj in [hint_subject(&s, Lane::Fit, &id), event_subject(&id)] {
+        for subj in [
+            hint_subject(&s, Lane::Fit, &id),
+            timer_fire_subject(&id, TimerKind::Deadline),
+        ] {
             assert_eq!(subj, subj.to_ascii_lowercase());
             assert!(subj.split('.').all(|t| !t.is_empty()));
         }
