@@ -9,7 +9,8 @@
 #   * libvirt and QEMU for the libvirt driver's tests (libvirt-daemon-system, the QEMU driver,
 #     qemu-system-x86, and the qemu-utils of the same Debian release: a newer preinstalled
 #     qemu-utils conflicts with it), started without systemd (virtlogd, libvirtd), and
-#     /dev/kvm opened to group kvm (libvirt re-probes QEMU for ~44 s per create otherwise)
+#     /dev/kvm opened to group kvm (libvirt re-probes QEMU for ~44 s per create otherwise), and
+#     libvirt's NAT network `default` started (dnsmasq-base)
 #   * a tiny bootable guest in ./.tools/guest: Debian's kernel (from the linux-image package,
 #     extracted, never installed; decompressed to an ELF vmlinux for a fast direct boot) and
 #     a busybox-static initramfs whose init prints UPDRAFT-GUEST-READY on the serial console
@@ -20,7 +21,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="$ROOT/.tools"
 NATS_VERSION="2.15.1"
 APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core libvirt-daemon-system libvirt-daemon-driver-qemu
-    qemu-system-x86 cpio)
+    qemu-system-x86 dnsmasq-base cpio)
 GUEST="$TOOLS/guest"
 GUEST_VERSION=1
 
@@ -65,11 +66,17 @@ start_libvirt() {
         log "starting libvirtd"
         libvirtd -d
     fi
+    local up=""
     for _ in $(seq 1 50); do
-        virsh -c qemu:///system version >/dev/null 2>&1 && return
+        if virsh -c qemu:///system version >/dev/null 2>&1; then up=1; break; fi
         sleep 0.2
     done
-    log "libvirtd does not answer on qemu:///system"; exit 1
+    [ -n "$up" ] || { log "libvirtd does not answer on qemu:///system"; exit 1; }
+    # libvirt's NAT network `default`, which an agent with default settings attaches VMs to
+    if ! virsh -c qemu:///system net-info default 2>/dev/null | grep -q "Active:.*yes"; then
+        virsh -c qemu:///system net-start default >/dev/null \
+            || { log "cannot start libvirt's default network"; exit 1; }
+    fi
 }
 
 build_guest() {

@@ -24,10 +24,21 @@ pub struct LibvirtResult {
     pub first_line_ms: Vec<u64>,
     /// Claim → the init's marker, per guest (ms).
     pub marker_ms: Vec<u64>,
-    /// Agent RSS with no guests (KiB).
-    pub rss_idle_kib: u64,
-    /// Agent RSS with every guest running (KiB).
-    pub rss_busy_kib: u64,
+    /// Agent memory with no guests.
+    pub idle: Mem,
+    /// Agent memory with every guest running.
+    pub busy: Mem,
+}
+
+/// A process's memory, KiB, from `/proc/<pid>/smaps_rollup`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mem {
+    /// Resident set: private pages plus every shared page mapped (binary and library code).
+    pub rss: u64,
+    /// Proportional set: shared pages divided among the processes that map them.
+    pub pss: u64,
+    /// Anonymous (heap, stacks): the agent's own memory.
+    pub anon: u64,
 }
 
 struct Agent(Child);
@@ -39,15 +50,20 @@ impl Drop for Agent {
     }
 }
 
-/// Resident set of a process, KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
+fn mem(pid: u32) -> anyhow::Result<Mem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in smaps_rollup"))
+    };
+    Ok(Mem {
+        rss: field("Rss:")?,
+        pss: field("Pss:")?,
+        anon: field("Anonymous:")?,
+    })
 }
 
 fn open_dir(p: &Path) -> anyhow::Result<()> {
@@ -134,7 +150,7 @@ pub async fn run(guests: usize, guest_dir: &Path) -> anyhow::Result<LibvirtResul
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_idle_kib = rss_kib(pid)?;
+    let idle = mem(pid)?;
     let mut first_line_ms = Vec::new();
     let mut marker_ms = Vec::new();
     let mut ids = Vec::new();
@@ -181,7 +197,7 @@ pub async fn run(guests: usize, guest_dir: &Path) -> anyhow::Result<LibvirtResul
         ids.push(id);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_busy_kib = rss_kib(pid)?;
+    let busy = mem(pid)?;
     for id in &ids {
         let _ = d.delete(id, false).await;
     }
@@ -225,8 +241,8 @@ pub async fn run(guests: usize, guest_dir: &Path) -> anyhow::Result<LibvirtResul
         domain_type,
         first_line_ms,
         marker_ms,
-        rss_idle_kib,
-        rss_busy_kib,
+        idle,
+        busy,
     })
 }
 

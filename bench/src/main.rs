@@ -78,18 +78,27 @@ fn pct(v: &[u64], q: f64) -> u64 {
 async fn libvirt_run(guests: usize, dir: std::path::PathBuf) -> anyhow::Result<()> {
     let r = libvirt::run(guests, &dir).await?;
     println!(
-        "| run | domain type | claim → first serial line p50 / max (ms) | claim → init marker p50 / max (ms) | agent RSS, 0 guests | agent RSS, {guests} guests |"
+        "| run | domain type | claim → first serial line p50 / max (ms) | claim → init marker p50 / max (ms) | agent RSS / PSS / anonymous, 0 guests | same, {guests} guests |"
     );
     println!("|---|---|---|---|---|---|");
+    #[allow(clippy::cast_precision_loss)] // KiB for a report
+    let m = |v: &libvirt::Mem| {
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            v.rss as f64 / 1024.0,
+            v.pss as f64 / 1024.0,
+            v.anon as f64 / 1024.0
+        )
+    };
     println!(
-        "| {guests} guests, one after another | {} | {} / {} | {} / {} | {:.1} MiB | {:.1} MiB |",
+        "| {guests} guests, one after another | {} | {} / {} | {} / {} | {} | {} |",
         r.domain_type,
         pct(&r.first_line_ms, 0.5),
         pct(&r.first_line_ms, 1.0),
         pct(&r.marker_ms, 0.5),
         pct(&r.marker_ms, 1.0),
-        r.rss_idle_kib as f64 / 1024.0,
-        r.rss_busy_kib as f64 / 1024.0
+        m(&r.idle),
+        m(&r.busy)
     );
     Ok(())
 }

@@ -235,6 +235,14 @@ pub async fn start(
         started_at: common::clock::now(),
         cfg,
     });
+    {
+        let d = agent.driver.clone();
+        agent.tasks.spawn(async move {
+            if let Err(e) = d.prepare().await {
+                tracing::warn!(error = %e, "driver preparation failed; the first build retries it");
+            }
+        });
+    }
     agent.register().await?;
     let report = agent.reconcile().await;
     tracing::info!(

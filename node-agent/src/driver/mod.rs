@@ -93,6 +93,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<DomainInfo>, DriverError>;
     /// Ok when the hypervisor answers.
     async fn health(&self) -> Result<(), DriverError>;
+    /// Slow one-time preparation the first build would otherwise wait for (libvirt: the
+    /// domain-type probe); the agent runs it in the background at start.
+    async fn prepare(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// The host as the hypervisor sees it: (logical CPUs, memory MiB); `None` when the driver
     /// has no hypervisor to ask.
     async fn host(&self) -> Result<Option<(u32, u64)>, DriverError> {

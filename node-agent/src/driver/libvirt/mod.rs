@@ -40,7 +40,6 @@ const GIB: u64 = 1 << 30;
 /// Connection state, shared by the blocking calls.
 struct State {
     conn: Option<Connect>,
-    kind: Option<DomainType>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
@@ -53,6 +52,9 @@ pub struct LibvirtDriver {
     network: Network,
     log: BuildLog,
     state: Arc<Mutex<State>>,
+    /// The domain type, chosen once (the probe takes seconds; builds wait for it, other
+    /// calls do not).
+    kind: Arc<Mutex<Option<DomainType>>>,
 }
 
 impl std::fmt::Debug for LibvirtDriver {
@@ -140,18 +142,18 @@ impl LibvirtDriver {
             log,
             state: Arc::new(Mutex::new(State {
                 conn: None,
-                kind: None,
                 failures: 0,
                 retry_at: None,
                 last_error: String::new(),
             })),
+            kind: Arc::new(Mutex::new(None)),
             cfg,
         })
     }
 
     /// The domain type in use (after the first successful connection).
     pub fn domain_type(&self) -> Option<DomainType> {
-        self.state.lock().expect("libvirt state lock").kind
+        *self.kind.lock().expect("libvirt kind lock")
     }
 
     /// Runs `f` on the blocking pool with a live connection.
@@ -161,13 +163,14 @@ impl LibvirtDriver {
         F: FnOnce(&Ctx<'_>) -> Result<T, DriverError> + Send + 'static,
     {
         let state = self.state.clone();
+        let kind = self.kind.clone();
         let cfg = self.cfg.clone();
         let network = self.network.clone();
         tokio::task::spawn_blocking(move || {
-            let (conn, kind) = connection(&state, &cfg)?;
+            let conn = connection(&state, &cfg)?;
             let ctx = Ctx {
                 conn: &conn,
-                kind,
+                kind: &kind,
                 cfg: &cfg,
                 network: &network,
             };
@@ -198,21 +201,18 @@ impl LibvirtDriver {
 /// A live connection and what the calls need.
 struct Ctx<'a> {
     conn: &'a Connect,
-    kind: DomainType,
+    kind: &'a Mutex<Option<DomainType>>,
     cfg: &'a LibvirtConfig,
     network: &'a Network,
 }
 
-/// The cached connection, or a new one (and the domain type, probed once).
-fn connection(
-    state: &Mutex<State>,
-    cfg: &LibvirtConfig,
-) -> Result<(Connect, DomainType), DriverError> {
+/// The cached connection, or a new one.
+fn connection(state: &Mutex<State>, cfg: &LibvirtConfig) -> Result<Connect, DriverError> {
     {
         let mut s = state.lock().expect("libvirt state lock");
-        if let (Some(c), Some(k)) = (&s.conn, s.kind) {
+        if let Some(c) = &s.conn {
             if c.is_alive().unwrap_or(false) {
-                return Ok((c.clone(), k));
+                return Ok(c.clone());
             }
             s.conn = None;
             s.last_error = "the libvirt connection was lost".into();
@@ -243,28 +243,40 @@ fn connection(
             return Err(DriverError::Unavailable(why));
         }
     };
-    let kind = match (s.kind, cfg.domain_type) {
-        (Some(k), _) => k,
-        (None, DomainTypeSetting::Kvm) => DomainType::Kvm,
-        (None, DomainTypeSetting::Qemu) => DomainType::Qemu,
-        (None, DomainTypeSetting::Test) => DomainType::Test,
-        (None, DomainTypeSetting::Auto) => {
-            let out = probe::choose(&conn, &cfg.instances_dir.join(".probe"), cfg.probe_timeout);
-            tracing::info!(domain_type = out.kind.as_str(), why = %out.why, "libvirt domain type chosen");
-            out.kind
-        }
-    };
     if s.failures > 0 {
         tracing::info!(uri = %cfg.uri, "libvirt reachable again");
     }
     s.conn = Some(conn.clone());
-    s.kind = Some(kind);
     s.failures = 0;
     s.retry_at = None;
-    Ok((conn, kind))
+    Ok(conn)
 }
 
 impl Ctx<'_> {
+    /// The domain type: configured, or probed on first use and kept.
+    fn domain_type(&self) -> DomainType {
+        let mut k = self.kind.lock().expect("libvirt kind lock");
+        if let Some(t) = *k {
+            return t;
+        }
+        let t = match self.cfg.domain_type {
+            DomainTypeSetting::Kvm => DomainType::Kvm,
+            DomainTypeSetting::Qemu => DomainType::Qemu,
+            DomainTypeSetting::Test => DomainType::Test,
+            DomainTypeSetting::Auto => {
+                let out = probe::choose(
+                    self.conn,
+                    &self.cfg.instances_dir.join(".probe"),
+                    self.cfg.probe_timeout,
+                );
+                tracing::info!(domain_type = out.kind.as_str(), why = %out.why, "libvirt domain type chosen");
+                out.kind
+            }
+        };
+        *k = Some(t);
+        t
+    }
+
     /// The instance pool, defined, built and started when missing.
     fn pool(&self) -> Result<StoragePool, DriverError> {
         let name = &self.cfg.pool;
@@ -436,7 +448,7 @@ impl Ctx<'_> {
             cmdline: &self.cfg.cmdline,
         });
         let desc = xml::domain_xml(&DomainSpec {
-            kind: self.kind,
+            kind: self.domain_type(),
             instance: &inst,
             disk: disk.as_deref(),
             disk_format: "qcow2",
@@ -647,6 +659,14 @@ impl Driver for LibvirtDriver {
         self.call(|c| {
             let n = c.conn.node_info().map_err(|e| classify("node info", &e))?;
             Ok(Some((n.cpus, n.memory / 1024)))
+        })
+        .await
+    }
+
+    async fn prepare(&self) -> Result<(), DriverError> {
+        self.call(|c| {
+            c.domain_type();
+            Ok(())
         })
         .await
     }
