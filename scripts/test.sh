@@ -10,5 +10,6 @@ export PATH="$ROOT/.tools/bin:$PATH"
 export UPDRAFT_NATS_SERVER="${UPDRAFT_NATS_SERVER:-$ROOT/.tools/bin/nats-server}"
 cd "$ROOT"
 cargo build --workspace --bins --locked
+"$ROOT/scripts/check-deploy.sh"
 cargo test --workspace --locked --exclude e2e "$@"
 cargo test --locked -p e2e "$@" -- --test-threads 1

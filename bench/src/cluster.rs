@@ -19,7 +19,7 @@ impl Broker {
     /// Starts one server or a 3-server cluster.
     pub fn start(cluster: bool) -> anyhow::Result<Broker> {
         Ok(if cluster {
-            Broker::Cluster(NatsCluster::start(3)?)
+            Broker::Cluster(NatsCluster::start()?)
         } else {
             Broker::Single(NatsServer::start(ServerOptions::default())?)
         })

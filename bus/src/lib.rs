@@ -15,6 +15,7 @@
 //! * `hints`: publishing hints onto shard work queues.
 //! * `puller`: a node's outstanding pulls on one subscription, and acks.
 //! * `timers`: durable timers on message schedules.
+//! * `permissions`: NATS users and subject permissions per role (`deploy/nats/accounts.conf`).
 //! * `status`: shard depth, oldest age and consumers.
 //! * `server`: starts and stops `nats-server` processes (local cluster and tests).
 
@@ -25,6 +26,7 @@ pub mod error;
 pub mod hints;
 pub mod kv;
 pub mod nodes;
+pub mod permissions;
 pub mod puller;
 pub mod records;
 pub mod server;

@@ -82,6 +82,9 @@ pub struct ServerOptions {
     pub store_dir: Option<PathBuf>,
     /// Extra configuration text appended to the generated config (cluster block, auth...).
     pub extra_config: String,
+    /// A whole config file to run instead of the generated one, with the environment its
+    /// `$VARIABLES` read (the port must then be given too).
+    pub config_text: Option<(String, Vec<(String, String)>)>,
     /// Server name (required in clusters).
     pub name: Option<String>,
 }
@@ -94,6 +97,7 @@ pub struct NatsServer {
     port: u16,
     config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
     store: PathBuf,
 }
@@ -118,10 +122,23 @@ impl NatsServer {
             .unwrap_or_else(|| format!("updraft-{port}"));
         let config = dir.path().join("nats.conf");
         let log = dir.path().join("nats.log");
-        let text = format!(
-            "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n}}\n{}\n",
-            opts.extra_config
-        );
+        let (text, env) = match &opts.config_text {
+            Some((text, env)) => {
+                let mut env = env.clone();
+                env.push((
+                    "UPDRAFT_NATS_STORE".into(),
+                    store.to_string_lossy().into_owned(),
+                ));
+                (text.clone(), env)
+            }
+            None => (
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n}}\n{}\n",
+                    opts.extra_config
+                ),
+                Vec::new(),
+            ),
+        };
         fs::write(&config, text)?;
         let mut s = NatsServer {
             child: None,
@@ -129,6 +146,7 @@ impl NatsServer {
             port,
             config,
             log,
+            env,
             _dir: dir,
             store,
         };
@@ -145,6 +163,7 @@ impl NatsServer {
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .spawn()
@@ -269,8 +288,11 @@ impl Drop for NatsServer {
     }
 }
 
-/// A JetStream cluster of servers on 127.0.0.1 (routes between them), for R3 tests and the
-/// 3-server benchmark.
+/// The 3-server cluster config of `deploy/nats/local-cluster.conf`.
+pub const LOCAL_CLUSTER_CONF: &str = include_str!("../../deploy/nats/local-cluster.conf");
+
+/// A JetStream cluster of three servers on 127.0.0.1, each run from
+/// `deploy/nats/local-cluster.conf` (random ports), for R3 tests and the 3-server benchmark.
 #[derive(Debug)]
 pub struct NatsCluster {
     /// The servers, in order.
@@ -278,27 +300,33 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `n` servers named `n0..` forming one cluster.
-    pub fn start(n: usize) -> Result<NatsCluster, ServerError> {
+    /// Starts the three servers `n0`, `n1`, `n2` of `deploy/nats/local-cluster.conf`.
+    pub fn start() -> Result<NatsCluster, ServerError> {
+        let n = 3;
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let routes: Vec<String> = route_ports
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect();
         let mut starting = Vec::new();
         // start all without waiting for each: a cluster member is ready only with a quorum
         for i in 0..n {
-            let extra = format!(
-                "cluster {{\n  name: updraft-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
-                route_ports[i],
-                routes.join(", ")
-            );
+            let mut env = vec![
+                ("UPDRAFT_NATS_NAME".to_string(), format!("n{i}")),
+                ("UPDRAFT_NATS_PORT".to_string(), client_ports[i].to_string()),
+                (
+                    "UPDRAFT_NATS_CLUSTER_PORT".to_string(),
+                    route_ports[i].to_string(),
+                ),
+            ];
+            for (j, p) in route_ports.iter().enumerate() {
+                env.push((
+                    format!("UPDRAFT_NATS_ROUTE{j}"),
+                    format!("nats-route://127.0.0.1:{p}"),
+                ));
+            }
             let opts = ServerOptions {
                 port: Some(client_ports[i]),
-                extra_config: extra,
                 name: Some(format!("n{i}")),
-                store_dir: None,
+                config_text: Some((LOCAL_CLUSTER_CONF.to_string(), env)),
+                ..Default::default()
             };
             starting.push(std::thread::spawn(move || NatsServer::start(opts)));
         }

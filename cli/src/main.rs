@@ -58,6 +58,16 @@ enum Cmd {
     },
     /// Cluster health and live placement statistics.
     Status,
+    /// Print NATS accounts and per-role users with subject permissions (a nats-server config
+    /// include, like deploy/nats/accounts.conf) for the given agents.
+    NatsAccounts {
+        /// An agent: `NODE` (password from `$UPDRAFT_AGENT_<n>_PASSWORD`) or `NODE=$VAR`.
+        #[arg(long = "agent", value_name = "NODE[=$VAR]")]
+        agents: Vec<String>,
+        /// The example of deploy/nats/accounts.conf.
+        #[arg(long, conflicts_with = "agents")]
+        example: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +92,31 @@ fn main() -> ExitCode {
     }
 }
 
+fn nats_accounts(agents: &[String], example: bool) -> Result<(), CliError> {
+    let list = if example {
+        bus::permissions::example_agents()
+    } else {
+        let mut out = Vec::new();
+        for (i, a) in agents.iter().enumerate() {
+            let (node, var) = match a.split_once('=') {
+                Some((n, v)) => (n, v.to_string()),
+                None => (a.as_str(), format!("$UPDRAFT_AGENT_{}_PASSWORD", i + 1)),
+            };
+            if !var.starts_with('$') {
+                return Err(CliError::usage(format!(
+                    "--agent {a}: give the password as a $VARIABLE of nats-server's environment, never in the file"
+                )));
+            }
+            let id = placement::NodeId::new(node)
+                .map_err(|e| CliError::usage(format!("--agent {a}: {e}")))?;
+            out.push((id, var));
+        }
+        out
+    };
+    print!("{}", bus::permissions::accounts_file(&list));
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), CliError> {
     let api = Api::new(&cli.api, cli.token.clone());
     match cli.cmd {
@@ -91,5 +126,6 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Shards { all } => cluster::shards(&api, all, cli.json).await,
         Cmd::Capacity { all } => cluster::capacity(&api, all, cli.json).await,
         Cmd::Status => cluster::status(&api, cli.json).await,
+        Cmd::NatsAccounts { agents, example } => nats_accounts(&agents, example),
     }
 }

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bus::records::UpdateError;
+
 use anyhow::{Context, bail};
 use bus::BusError;
 use placement::lifecycle::State;
@@ -170,26 +172,30 @@ impl Agent {
             if owned.claim.epoch == epoch {
                 continue;
             }
-            let record = loop {
-                match self.bus.records.get_leader(&id).await {
-                    Ok(r) => break r,
+            // read from the leader and re-confirm, until the record answers for sure: a write
+            // whose outcome is unknown (a failover) is no reason to destroy a running VM
+            let confirmed = loop {
+                let record = match self.bus.records.get_leader(&id).await {
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(request.id = %id, error = %e, "cannot read record to re-confirm; retrying");
                         tokio::select! {
                             _ = self.cancel.cancelled() => return,
                             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         }
+                        continue;
                     }
+                };
+                let still_ours = record.as_ref().is_some_and(|r| {
+                    r.value
+                        .claim
+                        .as_ref()
+                        .is_some_and(|c| c.same_owner(&owned.claim))
+                        && r.value.state != State::Deleted
+                });
+                if !still_ours {
+                    break false;
                 }
-            };
-            let still_ours = record.as_ref().is_some_and(|r| {
-                r.value
-                    .claim
-                    .as_ref()
-                    .is_some_and(|c| c.same_owner(&owned.claim))
-                    && r.value.state != State::Deleted
-            });
-            if still_ours {
                 let now = common::clock::now();
                 let old = owned.claim.clone();
                 match self
@@ -198,14 +204,25 @@ impl Agent {
                     .update_from(&id, record, |r| r.reconfirm(&old, epoch, now))
                     .await
                 {
-                    Ok(_) => {
-                        if let Some(o) = self.lock().owned.get_mut(&id) {
-                            o.claim.epoch = epoch;
-                        }
-                        continue;
+                    Ok(_) => break true,
+                    Err(e @ (UpdateError::Transition(_) | UpdateError::Missing)) => {
+                        tracing::warn!(request.id = %id, error = %e, "re-confirm refused");
+                        break false;
                     }
-                    Err(e) => tracing::warn!(request.id = %id, error = %e, "re-confirm refused"),
+                    Err(e) => {
+                        tracing::warn!(request.id = %id, error = %e, "re-confirm outcome unknown; reading again");
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
                 }
+            };
+            if confirmed {
+                if let Some(o) = self.lock().owned.get_mut(&id) {
+                    o.claim.epoch = epoch;
+                }
+                continue;
             }
             if matches!(owned.phase, Phase::Claimed | Phase::Building) {
                 continue; // the build finds out itself and destroys what it made

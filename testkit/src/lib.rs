@@ -16,7 +16,7 @@ pub fn nats() -> NatsServer {
 
 /// Starts a 3-server JetStream cluster on loopback.
 pub fn nats_cluster() -> NatsCluster {
-    match NatsCluster::start(3) {
+    match NatsCluster::start() {
         Ok(c) => c,
         Err(e) => panic!("{e}"),
     }
