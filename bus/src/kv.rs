@@ -211,6 +211,16 @@ impl Kv {
         }
     }
 
+    /// The bucket's entry lifetime (its stream's max age; zero: none).
+    pub async fn max_age(&self) -> Result<std::time::Duration, BusError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
+        Ok(info.config.max_age)
+    }
+
     /// True when the bucket holds no message at all.
     pub async fn snapshot_is_empty(&self) -> Result<bool, BusError> {
         let info = self

@@ -76,6 +76,12 @@ impl NodeStore {
         self.kv.delete(node.as_str(), Some(revision)).await
     }
 
+    /// The lease TTL: how long an advert lives after its last renewal (the bucket's max age,
+    /// set by the dispatchers' `topology.lease_ttl`).
+    pub async fn lease_ttl(&self) -> Result<std::time::Duration, BusError> {
+        self.kv.max_age().await
+    }
+
     /// The advert of one node.
     pub async fn get(&self, node: &NodeId) -> Result<Option<Versioned<NodeAdvert>>, BusError> {
         match self.kv.get(node.as_str()).await? {

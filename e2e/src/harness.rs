@@ -143,8 +143,7 @@ pub fn agent_config(
     let mut c = node_agent::config::Config {
         node_id: Some(node.to_string()),
         state_dir,
-        heartbeat_interval: Duration::from_secs(1),
-        lease_ttl: LEASE_TTL,
+        heartbeat_interval: Some(Duration::from_secs(1)),
         reserved: node_agent::config::ReservedConfig {
             vcpus: 0,
             memory_mib: 0,
@@ -320,7 +319,6 @@ impl Harness {
             format!("--set=state_dir={}", cfg.state_dir.display()),
             format!("--set=nats.url={}", self.url),
             "--set=heartbeat_interval=1s".into(),
-            format!("--set=lease_ttl={}s", LEASE_TTL.as_secs()),
             "--set=reserved.vcpus=0".into(),
             "--set=reserved.memory_mib=0".into(),
             "--set=reserved.disk_gib=0".into(),

@@ -120,6 +120,11 @@ pub struct Agent {
     pub tasks: TaskTracker,
     /// When this process started.
     pub started_at: Timestamp,
+    /// The cluster's lease TTL (read from the node adverts' bucket): past it without a
+    /// renewal the node fences itself.
+    pub lease_ttl: Duration,
+    /// Lease renewal period.
+    pub heartbeat: Duration,
 }
 
 impl Agent {

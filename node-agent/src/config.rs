@@ -15,10 +15,6 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "UPDRAFT_AGENT_";
 /// Default state directory (node id, epoch, keys, driver log).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/updraft/agent";
-/// Default heartbeat (lease renewal) period; keep it under a third of the lease TTL.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
-/// Default lease TTL assumed when renewals fail ambiguously (must match the topology's).
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// Host capacity overrides; unset dimensions are discovered.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,13 +213,10 @@ pub struct Config {
     pub reserved: ReservedConfig,
     /// Allocation ratios.
     pub ratios: AllocationRatios,
-    /// Lease renewal period.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// Lease TTL (the topology's); after this long without a successful renewal the node
-    /// fences itself.
-    #[serde(with = "humantime_serde")]
-    pub lease_ttl: Duration,
+    /// Lease renewal period; by default a third of the cluster's lease TTL (which the agent
+    /// reads from the cluster: the node adverts' bucket). A set value must stay under a third.
+    #[serde(default, with = "humantime_serde::option")]
+    pub heartbeat_interval: Option<Duration>,
     /// Pulls: policy, order, limits, starvation guard.
     pub pull: PullConfig,
     /// Delay before a handed-back request is redelivered.
@@ -254,8 +247,7 @@ impl Default for Config {
             capacity: CapacityConfig::default(),
             reserved: ReservedConfig::default(),
             ratios: AllocationRatios::default(),
-            heartbeat_interval: DEFAULT_HEARTBEAT,
-            lease_ttl: DEFAULT_LEASE_TTL,
+            heartbeat_interval: None,
             pull: PullConfig::default(),
             nak_delay: Duration::from_millis(500),
             max_build_failures: 3,
@@ -279,7 +271,9 @@ pub enum ConfigError {
         message: String,
     },
     /// Renewals too slow for the lease.
-    #[error("heartbeat_interval ({heartbeat:?}) must be at most a third of lease_ttl ({ttl:?})")]
+    #[error(
+        "heartbeat_interval ({heartbeat:?}) must be positive and at most a third of the cluster's lease TTL ({ttl:?})"
+    )]
     Heartbeat {
         /// Heartbeat.
         heartbeat: Duration,
@@ -337,6 +331,16 @@ impl LibvirtConfig {
 }
 
 impl Config {
+    /// The renewal period under a cluster lease TTL of `ttl`: the configured one (refused when
+    /// slower than a third of it), else a third.
+    pub fn heartbeat_for(&self, ttl: Duration) -> Result<Duration, ConfigError> {
+        match self.heartbeat_interval {
+            None => Ok((ttl / 3).max(Duration::from_millis(100))),
+            Some(h) if !h.is_zero() && h * 3 <= ttl => Ok(h),
+            Some(h) => Err(ConfigError::Heartbeat { heartbeat: h, ttl }),
+        }
+    }
+
     /// Checks values that parse but cannot work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(id) = &self.node_id {
@@ -363,10 +367,10 @@ impl Config {
                 message: format!("`{name}`: {e}"),
             })?;
         }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_ttl {
+        if self.heartbeat_interval.is_some_and(|h| h.is_zero()) {
             return Err(ConfigError::Heartbeat {
-                heartbeat: self.heartbeat_interval,
-                ttl: self.lease_ttl,
+                heartbeat: Duration::ZERO,
+                ttl: Duration::ZERO,
             });
         }
         self.ratios
@@ -417,6 +421,7 @@ mod tests {
             node_id: Some("n".into()),
             zone: Some("z".into()),
             metrics_listen: Some("127.0.0.1:9101".parse().unwrap()),
+            heartbeat_interval: Some(Duration::from_secs(5)),
             ..Default::default()
         };
         full.capacity = CapacityConfig {
@@ -461,10 +466,20 @@ mod tests {
                 .starts_with("node_id:")
         );
         let c = Config {
-            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_interval: Some(Duration::from_secs(10)),
             ..Default::default()
         };
-        assert!(matches!(c.validate(), Err(ConfigError::Heartbeat { .. })));
+        c.validate().unwrap();
+        assert!(matches!(
+            c.heartbeat_for(Duration::from_secs(15)),
+            Err(ConfigError::Heartbeat { .. })
+        ));
+        assert_eq!(
+            Config::default()
+                .heartbeat_for(Duration::from_secs(15))
+                .unwrap(),
+            Duration::from_secs(5)
+        );
         let mut c = Config::default();
         c.driver.memory.failure_rate = 2.0;
         assert_eq!(c.validate(), Err(ConfigError::FailureRate(2.0)));

@@ -71,7 +71,7 @@ impl Agent {
 
     /// Renews the lease every heartbeat; fences on a lost lease.
     pub async fn lease_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
+        let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -102,12 +102,9 @@ impl Agent {
                 }
                 Err(e) => {
                     metrics::counter!(m::LEASE_RENEWALS, "outcome" => "error").increment(1);
-                    if since.elapsed() > self.cfg.lease_ttl {
+                    if since.elapsed() > self.lease_ttl {
                         self.clone()
-                            .fence(&format!(
-                                "no lease renewal for {:?}: {e}",
-                                self.cfg.lease_ttl
-                            ))
+                            .fence(&format!("no lease renewal for {:?}: {e}", self.lease_ttl))
                             .await;
                     } else {
                         tracing::warn!(error = %e, "lease renewal failed; retrying");

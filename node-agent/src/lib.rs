@@ -137,6 +137,13 @@ pub async fn start(
             .await
             .context("stopped while waiting for the topology")?;
     };
+    let lease_ttl = bus
+        .nodes
+        .lease_ttl()
+        .await
+        .context("read the cluster's lease TTL")?;
+    let heartbeat = cfg.heartbeat_for(lease_ttl)?;
+    tracing::info!(lease_ttl = ?lease_ttl, heartbeat = ?heartbeat, "lease timing from the cluster");
     let cluster = loop {
         match bus.cluster.config().await {
             Ok(Some(c)) => break c.value,
@@ -233,6 +240,8 @@ pub async fn start(
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
         started_at: common::clock::now(),
+        lease_ttl,
+        heartbeat,
         cfg,
     });
     {
