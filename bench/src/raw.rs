@@ -8,6 +8,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 
+/// Every server of a comma-separated URL list.
+fn addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>().map_err(anyhow::Error::from))
+        .collect()
+}
+
 /// Messages per second through publish → fetch → ack with `workers` workers.
 pub async fn rate(
     url: &str,
@@ -15,7 +22,7 @@ pub async fn rate(
     messages: usize,
     workers: usize,
 ) -> anyhow::Result<f64> {
-    let client = async_nats::connect(url).await?;
+    let client = async_nats::connect(addrs(url)?).await?;
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream("BENCH_RAW").await;
     let s = js
@@ -40,10 +47,10 @@ pub async fn rate(
     let t0 = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let url = url.to_string();
+        let servers = addrs(url)?;
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
-            let client = async_nats::connect(url).await?;
+            let client = async_nats::connect(servers).await?;
             let js = jetstream::new(client);
             let c: jetstream::consumer::PullConsumer = js
                 .get_stream("BENCH_RAW")
