@@ -11,7 +11,11 @@ use futures::StreamExt;
 /// Every server of a comma-separated URL list.
 fn addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     url.split(',')
-        .map(|u| u.trim().parse::<async_nats::ServerAddr>().map_err(anyhow::Error::from))
+        .map(|u| {
+            u.trim()
+                .parse::<async_nats::ServerAddr>()
+                .map_err(anyhow::Error::from)
+        })
         .collect()
 }
 

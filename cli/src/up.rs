@@ -174,7 +174,10 @@ async fn wait_ready(
 }
 
 /// A mixed demo workload: mostly small general-purpose, some memory-heavy, a few GPU.
-fn demo_workload(n: usize) -> Vec<Value> {
+/// The demo: `n` servers of a mixed flavor set, sized to fit the local cluster of `nodes`
+/// nodes (at most 70% of its memory and disk; flavors that would pass that fall back to
+/// `m1.tiny`), with a GPU server now and then when a GPU node is up.
+fn demo_workload(n: usize, nodes: usize) -> Vec<Value> {
     let flavors = [
         "m1.small",
         "m1.medium",
@@ -187,10 +190,33 @@ fn demo_workload(n: usize) -> Vec<Value> {
         "r1.xlarge",
         "m1.small",
     ];
+    let catalog = placement::flavor::FlavorCatalog::default();
+    let shapes = (0..nodes).map(|i| SHAPES[i % SHAPES.len()]);
+    let (mut mem_left, mut disk_left) = shapes.clone().fold((0u64, 0u64), |(m, d), s| {
+        (m + s.1 * 1024 * 7 / 10, d + s.2 * 7 / 10)
+    });
+    let gpu = shapes.clone().any(|s| s.4 > 0);
     let run = std::process::id();
     (0..n)
         .map(|i| {
-            let flavor = if i % 50 == 49 { "g1.large" } else { flavors[i % flavors.len()] };
+            let mut flavor = if gpu && i % 50 == 49 {
+                "g1.large"
+            } else {
+                flavors[i % flavors.len()]
+            };
+            let size = |f: &str| {
+                catalog
+                    .get(f)
+                    .map(|f| (f.resources.memory_mib, f.resources.disk_gib))
+                    .unwrap_or((0, 0))
+            };
+            let (m, d) = size(flavor);
+            if m > mem_left || d > disk_left {
+                flavor = "m1.tiny";
+            }
+            let (m, d) = size(flavor);
+            mem_left = mem_left.saturating_sub(m);
+            disk_left = disk_left.saturating_sub(d);
             json!({ "id": format!("demo-{run}-{i:05}"), "flavor": flavor, "metadata": { "demo": "true" } })
         })
         .collect()
@@ -330,7 +356,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                     return Ok(());
                 }
                 let started = Instant::now();
-                let records = servers::create_many(&api, demo_workload(args.demo), false).await?;
+                let records =
+                    servers::create_many(&api, demo_workload(args.demo, args.nodes), false).await?;
                 let ids: Vec<String> = records
                     .iter()
                     .filter_map(|r| r["spec"]["id"].as_str().map(ToString::to_string))
