@@ -106,7 +106,7 @@ async fn the_cli_drives_a_cluster_with_tables_json_and_exit_codes() {
         text(&o)
     );
     assert!(cli(api, &["nodes", "cordon", "cli-a"]).status.success());
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     loop {
         let v = json(&cli(api, &["--json", "nodes", "list"]));
         let a = v
