@@ -74,7 +74,8 @@ start_libvirt() {
     done
     [ -n "$up" ] || { log "libvirtd does not answer on qemu:///system"; exit 1; }
     # libvirt's NAT network `default`, which an agent with default settings attaches VMs to
-    if ! virsh -c qemu:///system net-info default 2>/dev/null | grep -q "Active:.*yes"; then
+    local net; net=$(virsh -c qemu:///system net-info default 2>/dev/null || true)
+    if ! grep -q "Active:.*yes" <<<"$net"; then
         virsh -c qemu:///system net-start default >/dev/null \
             || { log "cannot start libvirt's default network"; exit 1; }
     fi

@@ -120,12 +120,14 @@ async fn records_create_cas_and_conflict() {
         epoch: Epoch(1),
         token: ClaimToken(1),
         at: Timestamp(1),
+        sig: None,
     };
     let c2 = placement::Claim {
         node: NodeId::new("n2").unwrap(),
         epoch: Epoch(1),
         token: ClaimToken(2),
         at: Timestamp(1),
+        sig: None,
     };
     let a = got.value.claim(1, c1.clone(), Timestamp(2)).unwrap();
     let z = got.value.claim(1, c2, Timestamp(2)).unwrap();

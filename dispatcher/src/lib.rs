@@ -10,12 +10,14 @@
 //! * `config`: settings, and the cluster config they seed.
 //! * `view`: the in-memory view built from KV watches (open requests, claims per node, adverts).
 //! * `service`: create, batch, get, list, delete, explain, plan, nodes, shards, capacity.
+//! * `claims`: claim signatures: verify, and undo forged claims.
 //! * `reactor`: watch loops; hint publishing for queued records; reaping on lease loss.
 //! * `timekeeper`: durable timer fires (spill, deadline) and the sweep; backlog flags.
 //! * `api`, `http`, `natsapi`: the API types and its two front ends; `page`: the status page.
 //! * `metrics`: metric names.
 
 pub mod api;
+pub mod claims;
 pub mod config;
 pub mod http;
 pub mod metrics;
@@ -133,6 +135,7 @@ pub async fn start(
         conn,
         changes,
         hinted: Mutex::new(HashSet::new()),
+        verified: Mutex::new(claims::Verified::default()),
         flags: Mutex::new(BTreeMap::new()),
         demand_sent: Mutex::new(BTreeMap::new()),
         prometheus,

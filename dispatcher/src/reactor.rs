@@ -14,6 +14,7 @@ use futures::StreamExt;
 use placement::lifecycle::{RequestRecord, State, TransitionError};
 use placement::{Epoch, Lane, NodeId};
 
+use crate::claims::ClaimCheck;
 use crate::metrics as m;
 use crate::service::Dispatcher;
 use crate::view::Applied;
@@ -66,8 +67,56 @@ impl Dispatcher {
         }
     }
 
+    /// Verifies a record's claim once per claim; undoes a forged one.
+    async fn check_claim(&self, r: &RequestRecord) -> bool {
+        let Some(claim) = &r.claim else { return true };
+        if self
+            .verified
+            .lock()
+            .expect("verified lock")
+            .contains(&r.spec.id, claim.token)
+        {
+            return true;
+        }
+        let advert = self.view().adverts().get(&claim.node).cloned();
+        match crate::claims::check(r, advert.as_ref()) {
+            ClaimCheck::Valid | ClaimCheck::Unverifiable => {
+                self.verified
+                    .lock()
+                    .expect("verified lock")
+                    .insert(r.spec.id.clone(), claim.token);
+                true
+            }
+            // not advertised (yet): the sweep reaps claims of nodes without a lease
+            ClaimCheck::UnknownNode | ClaimCheck::Nothing => true,
+            ClaimCheck::Forged(why) => {
+                metrics::counter!(m::HOSTILE, "kind" => "forged_claim").increment(1);
+                tracing::warn!(request.id = %r.spec.id, node.id = %claim.node, reason = %why, "forged claim; undoing it");
+                let max = self.cluster().max_attempts;
+                let token = claim.token;
+                let now = common::clock::now();
+                let reason = format!("{why}: refused");
+                let res = self
+                    .bus
+                    .records
+                    .update(&r.spec.id, |cur| match &cur.claim {
+                        Some(c) if c.token == token => cur.refuse_forged(&reason, max, now),
+                        _ => Err(TransitionError::NotStale),
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::debug!(request.id = %r.spec.id, error = %e, "forged claim already undone");
+                }
+                false
+            }
+        }
+    }
+
     async fn react(&self, v: &Versioned<RequestRecord>, applied: &Applied) {
         let r = &v.value;
+        if !self.check_claim(r).await {
+            return;
+        }
         if r.state == State::Queued {
             let hinted = self
                 .hinted

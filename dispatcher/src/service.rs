@@ -43,6 +43,8 @@ pub struct Dispatcher {
     pub changes: broadcast::Sender<Arc<Versioned<RequestRecord>>>,
     /// (request, attempt) pairs whose hint this dispatcher published.
     pub hinted: Mutex<HashSet<(RequestId, u32)>>,
+    /// Claims whose signature this dispatcher verified.
+    pub verified: Mutex<crate::claims::Verified>,
     /// Demand last written per zone (when, what).
     pub demand_sent:
         Mutex<BTreeMap<placement::Zone, (Timestamp, Vec<placement::wire::DemandEntry>)>>,

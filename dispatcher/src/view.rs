@@ -406,14 +406,17 @@ impl View {
     }
 }
 
+/// Fixtures for the dispatcher's unit tests.
 #[cfg(test)]
-mod tests {
+#[allow(clippy::unwrap_used)] // fixtures: a panic is the failure report
+pub(crate) mod tests_support {
     use super::*;
-    use placement::lifecycle::Claim;
     use placement::request::RequestSpec;
-    use placement::{ClaimToken, Epoch, Resources, Zone};
+    use placement::wire::NodeState;
+    use placement::{AllocationRatios, Epoch, Resources, Zone};
 
-    fn rec(id: &str) -> RequestRecord {
+    /// A queued 1 vCPU / 1 GiB request.
+    pub fn record(id: &str) -> RequestRecord {
         let zone = Zone::new("az1").unwrap();
         let map = placement::shard::default_shard_map(zone.clone());
         let spec = RequestSpec {
@@ -430,6 +433,43 @@ mod tests {
         };
         let shard = map.route(&spec.routable()).unwrap();
         RequestRecord::new_queued(spec, shard, Timestamp(1000))
+    }
+
+    /// An active node's advert with `key` as its signing key.
+    pub fn advert(node: &NodeId, key: Option<String>) -> NodeAdvert {
+        NodeAdvert {
+            v: 1,
+            node: node.clone(),
+            epoch: Epoch(1),
+            zone: Zone::new("az1").unwrap(),
+            traits: vec![],
+            totals: Resources::new(64, 65536, 1000),
+            reserved: Resources::default(),
+            ratios: AllocationRatios::default(),
+            capacity: Resources::new(256, 65536, 1000),
+            unallocated: Resources::new(256, 65536, 1000),
+            vms: 0,
+            building: 0,
+            state: NodeState::Active,
+            state_reason: None,
+            overcommitted: false,
+            agent_version: "test".into(),
+            driver: "memory".into(),
+            started_at: Timestamp(0),
+            heartbeat_at: Timestamp(0),
+            public_key: key,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use placement::lifecycle::Claim;
+    use placement::{ClaimToken, Epoch, Resources};
+
+    fn rec(id: &str) -> RequestRecord {
+        tests_support::record(id)
     }
 
     fn v(r: RequestRecord, rev: u64) -> Versioned<RequestRecord> {
@@ -450,6 +490,7 @@ mod tests {
             epoch: Epoch(1),
             token: ClaimToken(1),
             at: Timestamp(1100),
+            sig: None,
         };
         let claimed = r.claim(1, c.clone(), Timestamp(1100)).unwrap();
         assert_eq!(

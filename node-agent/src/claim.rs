@@ -149,12 +149,16 @@ impl Agent {
                     epoch: inner.epoch,
                     token,
                     at: common::clock::now(),
+                    sig: None,
                 };
                 (held, claim)
             })
         };
         let claim = match claim {
-            Ok((Reserved::New, c)) => c,
+            Ok((Reserved::New, mut c)) => {
+                c.sig = self.identity.sign_claim(&spec.id, hint.attempt, c.token);
+                c
+            }
             // another delivery of the same request (a re-published hint) is claiming it here,
             // or it already runs here: that one owns the reservation and decides; releasing it
             // on a lost race below would free capacity a live build uses

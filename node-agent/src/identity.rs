@@ -177,6 +177,20 @@ impl Identity {
         self.key.sign(data).ok()
     }
 
+    /// The signature of this node's claim of `id` at `attempt` with `token`
+    /// ([`placement::lifecycle::claim_payload`]), base64url.
+    pub fn sign_claim(
+        &self,
+        id: &placement::RequestId,
+        attempt: u32,
+        token: placement::ClaimToken,
+    ) -> Option<String> {
+        use base64::Engine;
+        let payload = placement::lifecycle::claim_payload(id, attempt, &self.node, token);
+        self.sign(&payload)
+            .map(|s| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s))
+    }
+
     /// Takes the next boot epoch (persisted before it is used, so no epoch is ever reused).
     pub fn next_epoch(&self) -> Result<Epoch, IdentityError> {
         let path = self.dir.join(EPOCH_FILE);

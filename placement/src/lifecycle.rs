@@ -19,7 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClaimToken, Epoch, NodeId};
+use crate::ids::{ClaimToken, Epoch, NodeId, RequestId};
 use crate::request::RequestSpec;
 use crate::shard::ShardId;
 use crate::time::Timestamp;
@@ -119,6 +119,18 @@ pub struct Claim {
     pub token: ClaimToken,
     /// When the claim was made.
     pub at: Timestamp,
+    /// The node's signature (nkeys, base64url) over [`claim_payload`]: any claimer may write
+    /// request records, so a claim proves with the key in the node's own advert that the node
+    /// made it. Absent on claims of nodes that advertise no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+/// The bytes a node signs when it claims `id` at `attempt` with `token`. The epoch is not
+/// part of it (a re-confirmed claim keeps its signature); the id and attempt are, so a valid
+/// claim cannot be replayed onto another request or a later attempt.
+pub fn claim_payload(id: &RequestId, attempt: u32, node: &NodeId, token: ClaimToken) -> Vec<u8> {
+    format!("updraft-claim-v1\n{id}\n{attempt}\n{node}\n{token}").into_bytes()
 }
 
 impl Claim {
@@ -472,6 +484,34 @@ impl RequestRecord {
         self.reap(None, max_attempts, now)
     }
 
+    /// A dispatcher found the claim forged (its signature does not verify with the key the
+    /// named node advertises): the claim is undone and the request queued again for its next
+    /// attempt.
+    pub fn refuse_forged(
+        &self,
+        why: &str,
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Result<Self, TransitionError> {
+        let claim = self
+            .claim
+            .as_ref()
+            .ok_or_else(|| self.illegal("refuse a claim"))?;
+        match self.state {
+            State::Claimed | State::Building | State::Active | State::HostDown => {
+                let node = claim.node.clone();
+                let was_excluded = self.excluded.contains(&node);
+                let mut r = self.requeue(&node, why, max_attempts, now);
+                // the named node never took it: do not keep it from taking the next attempt
+                if !was_excluded {
+                    r.excluded.retain(|n| n != &node);
+                }
+                Ok(r)
+            }
+            _ => Err(self.illegal("refuse a claim")),
+        }
+    }
+
     /// A queued request gets its final answer: no node could take it in time.
     pub fn fail(
         &self,
@@ -672,7 +712,7 @@ impl RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{RequestId, TraitClassName, Zone};
+    use crate::ids::{TraitClassName, Zone};
     use crate::resources::Resources;
 
     pub(crate) fn record() -> RequestRecord {
@@ -704,6 +744,7 @@ mod tests {
             epoch: Epoch(epoch),
             token: ClaimToken(token),
             at: Timestamp(0),
+            sig: None,
         }
     }
 
@@ -834,6 +875,29 @@ mod tests {
         assert_eq!(
             back.reap_expired(None, 5, Timestamp(6)).unwrap().state,
             State::HostDown
+        );
+    }
+
+    #[test]
+    fn forged_claims_are_undone_without_excluding_the_named_node() {
+        let c = claim("n1", 1, 7);
+        let r = record().claim(1, c, Timestamp(1)).unwrap();
+        let undone = r.refuse_forged("forged", 5, Timestamp(2)).unwrap();
+        assert_eq!((undone.state, undone.attempt), (State::Queued, 2));
+        assert!(undone.claim.is_none());
+        assert!(undone.excluded.is_empty());
+        assert!(record().refuse_forged("x", 5, Timestamp(2)).is_err());
+        // the payload binds the request and the attempt
+        let id = RequestId::new("a").unwrap();
+        let other = RequestId::new("b").unwrap();
+        let n = NodeId::new("n1").unwrap();
+        assert_ne!(
+            claim_payload(&id, 1, &n, ClaimToken(7)),
+            claim_payload(&other, 1, &n, ClaimToken(7))
+        );
+        assert_ne!(
+            claim_payload(&id, 1, &n, ClaimToken(7)),
+            claim_payload(&id, 2, &n, ClaimToken(7))
         );
     }
 

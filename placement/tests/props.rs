@@ -210,6 +210,7 @@ fn claim(node: u8, epoch: u8, token: u8) -> Claim {
         epoch: Epoch(u64::from(epoch)),
         token: ClaimToken(u64::from(token)),
         at: Timestamp(0),
+        sig: None,
     }
 }
 
