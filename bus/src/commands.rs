@@ -1,7 +1,6 @@
 //! Durable commands to one node (deletes) and its operator-set admin state, as keys in the
 //! commands bucket under the node's id. A node that is down finds them when it returns.
 
-use async_nats::jetstream::kv;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use placement::subjects::{admin_key, command_key, node_commands_filter};
@@ -99,38 +98,53 @@ impl CommandStore {
     pub async fn watch(&self, node: &NodeId) -> Result<BoxStream<'static, CommandEvent>, BusError> {
         let admin = admin_key(node);
         let node_id = node.clone();
+        // a named watch: permissions pin an agent to its own commands (deploy/nats/accounts.conf)
+        static WATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("cmds-{node}-{}-{n}", std::process::id());
         let watch = self
             .kv
-            .store()
-            .watch_with_history(node_commands_filter(node))
-            .await
-            .map_err(|e| BusError::nats(format!("watch commands of {node}"), e))?;
-        Ok(watch.filter_map(move |entry| {
-            let admin = admin.clone();
-            let node_id = node_id.clone();
-            async move {
-                let e = match entry {
-                    Ok(e) => e,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "command watch error; the watcher recovers");
-                        return None;
+            .watch_named(&node_commands_filter(node), &name)
+            .await?;
+        Ok(watch
+            .filter_map(move |entry| {
+                let admin = admin.clone();
+                let node_id = node_id.clone();
+                async move {
+                    let e = match entry {
+                        Ok(e) => e,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "command watch error; the watcher recovers");
+                            return None;
+                        }
+                    };
+                    let is_admin = e.key == admin;
+                    match (e.deleted, is_admin) {
+                        (false, true) => Some(match decode::<AdminState>(&e.value) {
+                            Ok(a) => CommandEvent::Admin(a),
+                            Err(err) => CommandEvent::Undecodable {
+                                key: e.key,
+                                error: err.to_string(),
+                            },
+                        }),
+                        (false, false) => Some(match decode::<NodeCommand>(&e.value) {
+                            Ok(c) if command_key(&node_id, &c.request) == e.key => {
+                                CommandEvent::Command(c)
+                            }
+                            Ok(_) => CommandEvent::Undecodable {
+                                key: e.key,
+                                error: "command stored under another key".into(),
+                            },
+                            Err(err) => CommandEvent::Undecodable {
+                                key: e.key,
+                                error: err.to_string(),
+                            },
+                        }),
+                        (true, true) => Some(CommandEvent::AdminCleared),
+                        (true, false) => None,
                     }
-                };
-                let is_admin = e.key == admin;
-                match (e.operation, is_admin) {
-                    (kv::Operation::Put, true) => Some(match decode::<AdminState>(&e.value) {
-                        Ok(a) => CommandEvent::Admin(a),
-                        Err(err) => CommandEvent::Undecodable { key: e.key, error: err.to_string() },
-                    }),
-                    (kv::Operation::Put, false) => Some(match decode::<NodeCommand>(&e.value) {
-                        Ok(c) if command_key(&node_id, &c.request) == e.key => CommandEvent::Command(c),
-                        Ok(_) => CommandEvent::Undecodable { key: e.key, error: "command stored under another key".into() },
-                        Err(err) => CommandEvent::Undecodable { key: e.key, error: err.to_string() },
-                    }),
-                    (_, true) => Some(CommandEvent::AdminCleared),
-                    (_, false) => None,
                 }
-            }
-        }).boxed())
+            })
+            .boxed())
     }
 }

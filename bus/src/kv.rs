@@ -29,6 +29,19 @@ pub enum Raw {
     Tombstone(u64),
 }
 
+/// One change seen by [`Kv::watch_named`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEntry {
+    /// The key.
+    pub key: String,
+    /// The value (empty for a delete).
+    pub value: Bytes,
+    /// Its revision.
+    pub revision: u64,
+    /// A delete, purge or expiry marker.
+    pub deleted: bool,
+}
+
 /// One bucket.
 #[derive(Clone)]
 pub struct Kv {
@@ -87,6 +100,55 @@ impl Kv {
     /// The async-nats store (watches).
     pub fn store(&self) -> &kv::Store {
         &self.store
+    }
+
+    /// Watches the keys under `filter` (last value of each, then every change) through an
+    /// ordered consumer named `name`. Unlike the store's own watch, the consumer has a name, so
+    /// its create request is `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>` and
+    /// subject permissions can pin a client to its own keys.
+    pub async fn watch_named(
+        &self,
+        filter: &str,
+        name: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<WatchEntry, BusError>>, BusError> {
+        use jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+        let prefix = format!("$KV.{}.", self.bucket);
+        let consumer = self
+            .stream
+            .create_consumer(push::OrderedConfig {
+                name: Some(name.to_string()),
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: format!("{prefix}{filter}"),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats(format!("watch {}/{filter}", self.bucket), e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::nats(format!("watch {}/{filter}", self.bucket), e))?;
+        let bucket = self.bucket.clone();
+        Ok(messages
+            .map(move |m| {
+                let m = m.map_err(|e| BusError::nats(format!("watch {bucket}"), e))?;
+                let revision = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let key = m
+                    .subject
+                    .as_str()
+                    .strip_prefix(prefix.as_str())
+                    .unwrap_or(m.subject.as_str())
+                    .to_string();
+                let deleted = is_tombstone(m.headers.as_ref());
+                Ok(WatchEntry {
+                    key,
+                    value: m.payload.clone(),
+                    revision,
+                    deleted,
+                })
+            })
+            .boxed())
     }
 
     /// Latest entry for `key` (direct get: any replica may answer).

@@ -15,7 +15,9 @@
 //! that (ARCHITECTURE.md, trust model).
 
 use placement::NodeId;
-use placement::subjects::{COMMANDS_BUCKET, CONFIG_BUCKET, NODES_BUCKET, REQUESTS_BUCKET};
+use placement::subjects::{
+    COMMANDS_BUCKET, CONFIG_BUCKET, NODES_BUCKET, REQUESTS_BUCKET, TIMERS_STREAM,
+};
 
 /// The account every updraft user belongs to.
 pub const ACCOUNT: &str = "UPDRAFT";
@@ -37,9 +39,10 @@ pub fn agent_permissions(node: &NodeId) -> String {
         "$JS.API.INFO".to_string(),
         "$JS.API.STREAM.INFO.>".to_string(),
         "$JS.API.CONSUMER.INFO.>".to_string(),
-        // pull hints from the shard consumers and answer them
-        "$JS.API.CONSUMER.MSG.NEXT.UPDRAFT_REQ_*.*".to_string(),
-        "$JS.ACK.UPDRAFT_REQ_*.>".to_string(),
+        // pull hints from the shard consumers and answer them (subjects have no prefix
+        // wildcards: every pull consumer but the dispatchers' timers, which is denied below)
+        "$JS.API.CONSUMER.MSG.NEXT.*.*".to_string(),
+        "$JS.ACK.*.>".to_string(),
         "$JS.FC.>".to_string(),
         // request records: any claimer writes them (claims are signed)
         format!("$KV.{REQUESTS_BUCKET}.*"),
@@ -65,14 +68,20 @@ pub fn agent_permissions(node: &NodeId) -> String {
         // cluster config, backlog flags and demand: read; affinity pins: write
         format!("$JS.API.DIRECT.GET.{}.>", kv(CONFIG_BUCKET)),
         format!("$JS.API.STREAM.MSG.GET.{}", kv(CONFIG_BUCKET)),
+        format!("$JS.API.CONSUMER.CREATE.{}", kv(CONFIG_BUCKET)),
         format!("$JS.API.CONSUMER.CREATE.{}.>", kv(CONFIG_BUCKET)),
         format!("$KV.{CONFIG_BUCKET}.group.*"),
         "$JS.API.CONSUMER.DELETE.KV_UPDRAFT_*.>".to_string(),
     ];
+    let deny = vec![
+        format!("$JS.API.CONSUMER.MSG.NEXT.{TIMERS_STREAM}.>"),
+        format!("$JS.ACK.{TIMERS_STREAM}.>"),
+    ];
     let subscribe = vec![format!("{}.>", agent_inbox_prefix(node))];
     format!(
-        "{{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}",
+        "{{ publish: {{ allow: {}, deny: {} }}, subscribe: {{ allow: {} }} }}",
         list(&publish),
+        list(&deny),
         list(&subscribe)
     )
 }

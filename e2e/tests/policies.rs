@@ -90,11 +90,20 @@ async fn pack_uses_at_most_one_host_more_than_the_lower_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spread_keeps_hosts_within_two_of_each_other() {
     let h = cluster(Policy::Spread, 10, Resources::new(32, 64 * 1024, 2000)).await;
-    let items: Vec<(String, &str)> = (0..100)
-        .map(|i| (format!("s-{i:03}"), "m1.small"))
-        .collect();
-    burst(&h, &items).await;
-    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    // a steady stream: each request finds every node's pull waiting, and the server hands it
+    // to the emptiest (the spread priority). (In a burst larger than the waiting pulls, every
+    // pull is served on arrival and the spread follows how fast each node cycles instead.)
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let id = format!("s-{i:03}");
+        let (st, body) = h
+            .create(0, &json!({ "id": id, "flavor": "m1.small" }))
+            .await
+            .unwrap();
+        assert_eq!(st, 201, "{body}");
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let recs = h
         .wait_for(&ids, Duration::from_secs(60), is_active)
         .await

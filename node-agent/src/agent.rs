@@ -10,7 +10,9 @@ use bus::puller::{PullEnd, PullEvent, PullSpec, Puller};
 use bus::{Bus, ConnState};
 use placement::ledger::{NodeLedger, PullId};
 use placement::lifecycle::Claim;
-use placement::pull::{NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls};
+use placement::pull::{
+    NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls, priority_tolerance,
+};
 use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
 use placement::{Epoch, Lane, RequestId, ShardId, ShardMap, Timestamp};
 use rand_chacha::ChaCha8Rng;
@@ -247,7 +249,7 @@ impl Agent {
             let PullDiff {
                 cancel,
                 issue: desired,
-            } = diff_pulls(plan.pulls, &held);
+            } = diff_pulls(plan.pulls, &held, priority_tolerance(self.cfg.pull.policy));
             for id in cancel {
                 inner.pulls.remove(&id);
                 inner.ledger.return_credit(id);

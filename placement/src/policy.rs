@@ -86,8 +86,19 @@ pub fn fitness_bucket(
         Policy::Pack => used_bucket(capacity, unallocated, bound),
         // spread: empty nodes first, then the emptiest used ones
         Policy::Spread if empty => 0,
-        Policy::Spread => MAX_PRIORITY - used_bucket(capacity, unallocated, bound),
+        Policy::Spread => spread_bucket(capacity, unallocated, bound),
     }
+}
+
+/// Upper edges of the used fraction (after taking the class's bound) for spread buckets 1..9
+/// of a node in use; bucket 0 is for empty nodes. Fine where spreading decides (lightly used
+/// nodes: a step is 5% up to 40%), coarse above, mirroring pack's precision near full.
+const SPREAD_EDGES: [f64; 8] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4];
+
+fn spread_bucket(capacity: &Resources, unallocated: &Resources, bound: &Resources) -> u8 {
+    let used = 1.0 - unallocated.saturating_sub(bound).min_fraction_of(capacity);
+    let b = SPREAD_EDGES.iter().take_while(|edge| used > **edge).count();
+    u8::try_from(b + 1).expect("at most 9 buckets")
 }
 
 fn empty_tier(node: &NodeId) -> u8 {
@@ -250,6 +261,12 @@ mod tests {
         assert!(b > USED_TOP, "empty nodes rank after every used one: {b}");
         let s = fitness_bucket(Policy::Spread, &node(), &cap, &full, &bound, &mut rng());
         assert_eq!(s, MAX_PRIORITY);
+        // spread tells lightly used nodes apart finely: 10% used ranks before 20% used
+        let ten = Resources::new(58, 59000, 900);
+        let twenty = Resources::new(51, 52000, 800);
+        let a = fitness_bucket(Policy::Spread, &node(), &cap, &ten, &bound, &mut rng());
+        let b = fitness_bucket(Policy::Spread, &node(), &cap, &twenty, &bound, &mut rng());
+        assert!(0 < a && a < b && b < MAX_PRIORITY, "{a} {b}");
         // a node in use, even lightly, beats an empty one under pack
         let light = Resources::new(63, 65000, 999);
         let l = fitness_bucket(Policy::Pack, &node(), &cap, &light, &bound, &mut rng());

@@ -360,20 +360,32 @@ pub struct PullDiff<K> {
     pub issue: Vec<PullIntent>,
 }
 
+/// How far an outstanding pull's priority may be from the planned one and still be kept:
+/// one bucket under pack (a cancel costs a round trip and can strand a message in flight),
+/// none under spread (a node that filled up must not keep the better place it had), any
+/// under random (the draw itself is random).
+pub fn priority_tolerance(policy: Policy) -> u8 {
+    match policy {
+        Policy::Pack => 1,
+        Policy::Spread => 0,
+        Policy::Random => crate::policy::MAX_PRIORITY,
+    }
+}
+
 /// Diffs a fresh plan (made with `ignore_credit`, as if nothing were held) against the pulls
 /// outstanding: an outstanding pull that the plan still wants on the same shard and lane,
-/// with a priority at most one bucket away, is kept (re-issuing it would cost a cancel and
-/// a pull for little, and a cancel can strand a message in flight); the rest is cancelled,
-/// and what the plan wants beyond the kept pulls is issued.
+/// with a priority at most `tolerance` buckets away ([`priority_tolerance`]), is kept; the
+/// rest is cancelled, and what the plan wants beyond the kept pulls is issued.
 pub fn diff_pulls<K: Copy>(
     desired: Vec<PullIntent>,
     held: &[(K, ShardId, Lane, u8)],
+    tolerance: u8,
 ) -> PullDiff<K> {
     let mut issue = desired;
     let mut cancel = Vec::new();
     for (id, shard, lane, priority) in held {
         match issue.iter().position(|d| {
-            &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= 1
+            &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= tolerance
         }) {
             Some(i) => {
                 issue.remove(i);

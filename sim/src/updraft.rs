@@ -279,7 +279,11 @@ impl Sim<'_> {
                 )
             })
             .collect();
-        let PullDiff { cancel, issue } = diff_pulls(plan.pulls, &held);
+        let PullDiff { cancel, issue } = diff_pulls(
+            plan.pulls,
+            &held,
+            placement::pull::priority_tolerance(self.cfg.pull.policy),
+        );
         for id in cancel {
             let node = &mut self.nodes[n as usize];
             if let Some((lane, _)) = node.pulls.remove(&id) {
