@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bus::Bus;
+use bus::BusError;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -117,10 +118,25 @@ pub async fn start(
             "adopted the cluster's existing config (the file only seeds a new cluster)"
         );
     }
-    let shards = bus
-        .ensure_shards(&cluster.shard_map, &cfg.topology)
-        .await
-        .context("create shard streams")?;
+    // idempotent, so retried: a cluster electing leaders (or busy creating replicated
+    // streams for several dispatchers at once) answers slowly for a while
+    let mut delay = Duration::from_millis(500);
+    let mut attempts = 0u32;
+    let shards = loop {
+        attempts += 1;
+        match bus.ensure_shards(&cluster.shard_map, &cfg.topology).await {
+            Ok(n) => break n,
+            // a timeout always, other NATS errors (no leader yet...) for a while
+            Err(e)
+                if matches!(e, BusError::Timeout { .. }) || (e.is_ambiguous() && attempts < 20) =>
+            {
+                tracing::warn!(error = %e, "cannot create the shard streams yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("create shard streams"),
+        }
+    };
     tracing::info!(
         shards,
         zones = cluster.shard_map.zones.len(),

@@ -220,7 +220,7 @@ impl Dispatcher {
                             .view
                             .write()
                             .expect("view lock")
-                            .remove_advert(&node)
+                            .remove_advert(&node, common::clock::now())
                             .map(|a| a.epoch);
                         tracing::warn!(node.id = %node, "node lease ended; reaping its claims");
                         let me = self.clone();

@@ -157,7 +157,7 @@ impl Dispatcher {
         let refusal = {
             let view = self.view();
             // admission walks distinct node shapes; the full explanation only when refusing
-            if !view.nodes_caught_up || view.admissible(&spec) {
+            if !view.nodes_caught_up || view.admissible(&spec, common::clock::now()) {
                 None
             } else {
                 Some(explain(&spec, view.adverts().values(), &[]).summary)

@@ -53,14 +53,11 @@ pub struct View {
     adverts: BTreeMap<NodeId, NodeAdvert>,
     /// Distinct node shapes (zone, traits, capacity) and how many nodes have each: admission
     /// looks at these, not at every node.
-    shapes: HashMap<
-        (
-            placement::Zone,
-            Vec<placement::TraitName>,
-            placement::Resources,
-        ),
-        usize,
-    >,
+    shapes: HashMap<ShapeKey, usize>,
+    /// Shapes whose last node's lease ended, and when: admission still counts them for
+    /// [`ADMISSION_MEMORY`], so a NATS failover that lets every lease lapse at once does not
+    /// refuse requests the nodes, back a moment later, would take.
+    departed: HashMap<ShapeKey, Timestamp>,
     /// Every record present at start has been seen.
     pub caught_up: bool,
     /// Every advert present at start has been seen (admission waits for it: until then a
@@ -80,13 +77,17 @@ fn push_capped<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
     q.push_back(v);
 }
 
-fn shape_of(
-    a: &NodeAdvert,
-) -> (
+/// A node shape: zone, traits, capacity.
+type ShapeKey = (
     placement::Zone,
     Vec<placement::TraitName>,
     placement::Resources,
-) {
+);
+
+/// How long admission remembers the shape of nodes whose leases ended.
+pub const ADMISSION_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn shape_of(a: &NodeAdvert) -> ShapeKey {
     let mut traits = a.traits.clone();
     traits.sort();
     (a.zone.clone(), traits, a.capacity.clone())
@@ -272,36 +273,47 @@ impl View {
     pub fn upsert_advert(&mut self, a: NodeAdvert) -> Option<NodeAdvert> {
         let prev = self.adverts.insert(a.node.clone(), a.clone());
         if let Some(p) = &prev {
-            self.unshape(p);
+            self.unshape(p, None);
         }
-        *self.shapes.entry(shape_of(&a)).or_insert(0) += 1;
+        let key = shape_of(&a);
+        self.departed.remove(&key);
+        *self.shapes.entry(key).or_insert(0) += 1;
         prev
     }
 
-    /// Removes a node's advert (its lease ended).
-    pub fn remove_advert(&mut self, node: &NodeId) -> Option<NodeAdvert> {
+    /// Removes a node's advert (its lease ended at `now`).
+    pub fn remove_advert(&mut self, node: &NodeId, now: Timestamp) -> Option<NodeAdvert> {
         let prev = self.adverts.remove(node);
         if let Some(p) = &prev {
-            self.unshape(p);
+            self.unshape(p, Some(now));
         }
         prev
     }
 
-    fn unshape(&mut self, a: &NodeAdvert) {
+    fn unshape(&mut self, a: &NodeAdvert, departed: Option<Timestamp>) {
         let key = shape_of(a);
         if let Some(n) = self.shapes.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
                 self.shapes.remove(&key);
+                if let Some(t) = departed {
+                    self.departed.insert(key, t);
+                }
             }
         }
     }
 
-    /// Admission: could any advertised node ever hold `spec`? Cost: distinct node shapes.
-    pub fn admissible(&self, spec: &placement::RequestSpec) -> bool {
-        self.shapes
-            .keys()
-            .any(|(zone, traits, cap)| placement::explain::shape_admits(spec, zone, traits, cap))
+    /// Admission: could any node ever hold `spec`: an advertised one, or one whose lease
+    /// ended less than [`ADMISSION_MEMORY`] ago? Cost: distinct node shapes.
+    pub fn admissible(&self, spec: &placement::RequestSpec, now: Timestamp) -> bool {
+        let admits = |(zone, traits, cap): &ShapeKey| {
+            placement::explain::shape_admits(spec, zone, traits, cap)
+        };
+        self.shapes.keys().any(admits)
+            || self
+                .departed
+                .iter()
+                .any(|(k, t)| now.since(*t) < ADMISSION_MEMORY && admits(k))
     }
 
     /// One open record.
@@ -545,7 +557,8 @@ mod tests {
     fn admission_by_node_shapes() {
         let mut view = View::new(10);
         let spec = rec("x").spec;
-        assert!(!view.admissible(&spec), "no nodes, no admission");
+        let t = Timestamp(1_000_000);
+        assert!(!view.admissible(&spec, t), "no nodes, no admission");
         let advert = |id: &str, mem: u64| placement::wire::NodeAdvert {
             v: 1,
             node: NodeId::new(id).unwrap(),
@@ -569,13 +582,19 @@ mod tests {
             public_key: None,
         };
         view.upsert_advert(advert("a", 512));
-        assert!(!view.admissible(&spec), "too small");
+        assert!(!view.admissible(&spec, t), "too small");
         view.upsert_advert(advert("b", 4096));
         view.upsert_advert(advert("b", 4096)); // a heartbeat
-        assert!(view.admissible(&spec));
-        view.remove_advert(&NodeId::new("b").unwrap());
-        assert!(!view.admissible(&spec));
+        assert!(view.admissible(&spec, t));
+        view.remove_advert(&NodeId::new("b").unwrap(), t);
         assert_eq!(view.adverts().len(), 1);
+        // a node whose lease just ended (a NATS failover) may come back: still admitted
+        assert!(view.admissible(&spec, t.plus(std::time::Duration::from_secs(5))));
+        // gone for longer than the admission memory: refused
+        assert!(!view.admissible(&spec, t.plus(ADMISSION_MEMORY)));
+        // back again: admitted, and remembered no more as departed
+        view.upsert_advert(advert("b", 4096));
+        assert!(view.admissible(&spec, t.plus(ADMISSION_MEMORY)));
     }
 
     #[test]

@@ -85,32 +85,43 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
         // not JSON
         (subj("hostile-a"), b"{not json".to_vec()),
         // wrong types
-        (subj("hostile-b"), br#"{"v":1,"id":7,"attempt":"one","lane":"fit"}"#.to_vec()),
+        (
+            subj("hostile-b"),
+            br#"{"v":1,"id":7,"attempt":"one","lane":"fit"}"#.to_vec(),
+        ),
         // a version this build does not speak
         (
             subj("hostile-c"),
-            serde_json::to_vec(&json!({"v":99,"id":"hostile-c","attempt":1,"lane":"fit","published_at":now}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"v":99,"id":"hostile-c","attempt":1,"lane":"fit","published_at":now}),
+            )
+            .unwrap(),
         ),
         // oversized
         (subj("hostile-d"), vec![b' '; 600 * 1024]),
         // a hint for one request under another's subject
         (
             subj("hostile-e"),
-            serde_json::to_vec(&json!({"v":1,"id":"legit-1","attempt":1,"lane":"fit","published_at":now}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"v":1,"id":"legit-1","attempt":1,"lane":"fit","published_at":now}),
+            )
+            .unwrap(),
         ),
         // replayed: legit-1's own hint again, after it was built
         (
             subj("legit-1"),
-            serde_json::to_vec(&json!({"v":1,"id":"legit-1","attempt":1,"lane":"fit","published_at":now}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"v":1,"id":"legit-1","attempt":1,"lane":"fit","published_at":now}),
+            )
+            .unwrap(),
         ),
         // for a request that does not exist
         (
             subj("ghost-req"),
-            serde_json::to_vec(&json!({"v":1,"id":"ghost-req","attempt":1,"lane":"fit","published_at":now}))
-                .unwrap(),
+            serde_json::to_vec(
+                &json!({"v":1,"id":"ghost-req","attempt":1,"lane":"fit","published_at":now}),
+            )
+            .unwrap(),
         ),
     ];
     for (s, payload) in hostile {
@@ -118,12 +129,18 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
     }
     // garbage request records and a garbage advert, straight into KV
     for (key, val) in [
-        (kv_subject("UPDRAFT_REQUESTS", "garbage-1"), b"garbage".to_vec()),
+        (
+            kv_subject("UPDRAFT_REQUESTS", "garbage-1"),
+            b"garbage".to_vec(),
+        ),
         (
             kv_subject("UPDRAFT_REQUESTS", "garbage-2"),
             br#"{"v":99,"spec":{},"state":"active"}"#.to_vec(),
         ),
-        (kv_subject("UPDRAFT_NODES", "ghost"), br#"{"v":1,"node":"ghost"}"#.to_vec()),
+        (
+            kv_subject("UPDRAFT_NODES", "ghost"),
+            br#"{"v":1,"node":"ghost"}"#.to_vec(),
+        ),
     ] {
         js.publish(key, val.into()).await.unwrap().await.unwrap();
     }
@@ -174,7 +191,11 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
     };
     // the replayed and unknown hints were dropped as stale, never built
     assert!(
-        counter(&agent_text, "updraft_agent_deliveries_total", "outcome=\"stale\"") >= 2.0,
+        counter(
+            &agent_text,
+            "updraft_agent_deliveries_total",
+            "outcome=\"stale\""
+        ) >= 2.0,
         "{agent_text}"
     );
     assert!(disp_text.contains("updraft_dispatcher_hostile_total"));
@@ -216,6 +237,9 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
         .unwrap();
     let report = h.check().await.unwrap();
     assert!(report.clean(), "{:#?}", report.violations);
-    assert_eq!(report.builds, 2, "only the two legitimate requests were built");
+    assert_eq!(
+        report.builds, 2,
+        "only the two legitimate requests were built"
+    );
     h.shutdown().await;
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::records::UpdateError;
+use futures::StreamExt;
 
 use anyhow::{Context, bail};
 use bus::BusError;
@@ -19,6 +20,9 @@ use placement::{Epoch, RequestId};
 
 use crate::agent::{AfterCleanup, Agent, Phase};
 use crate::metrics as m;
+
+/// Claims re-confirmed at once after a fence.
+const RECONFIRM_CONCURRENCY: usize = 32;
 
 impl Agent {
     /// Registers the current advert, taking over our own stale key after a restart.
@@ -163,74 +167,80 @@ impl Agent {
             .lock()
             .owned
             .iter()
+            .filter(|(_, o)| o.claim.epoch != epoch)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (id, owned) in held {
-            if owned.claim.epoch == epoch {
-                continue;
-            }
-            // read from the leader and re-confirm, until the record answers for sure: a write
-            // whose outcome is unknown (a failover) is no reason to destroy a running VM
-            let confirmed = loop {
-                let record = match self.bus.records.get_leader(&id).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(request.id = %id, error = %e, "cannot read record to re-confirm; retrying");
-                        tokio::select! {
-                            _ = self.cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        }
-                        continue;
+        // side by side: a duplicate a reaper re-placed elsewhere must go within the bound, not
+        // after every claim before it in the list
+        futures::stream::iter(held)
+            .for_each_concurrent(RECONFIRM_CONCURRENCY, |(id, owned)| async move {
+                self.reconfirm_one(id, owned, epoch).await;
+            })
+            .await;
+    }
+
+    async fn reconfirm_one(&self, id: RequestId, owned: crate::agent::Owned, epoch: Epoch) {
+        // read from the leader and re-confirm, until the record answers for sure: a write
+        // whose outcome is unknown (a failover) is no reason to destroy a running VM
+        let confirmed = loop {
+            let record = match self.bus.records.get_leader(&id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(request.id = %id, error = %e, "cannot read record to re-confirm; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
-                };
-                let still_ours = record.as_ref().is_some_and(|r| {
-                    r.value
-                        .claim
-                        .as_ref()
-                        .is_some_and(|c| c.same_owner(&owned.claim))
-                        && r.value.state != State::Deleted
-                });
-                if !still_ours {
-                    break false;
-                }
-                let now = common::clock::now();
-                let old = owned.claim.clone();
-                match self
-                    .bus
-                    .records
-                    .update_from(&id, record, |r| r.reconfirm(&old, epoch, now))
-                    .await
-                {
-                    Ok(_) => break true,
-                    Err(e @ (UpdateError::Transition(_) | UpdateError::Missing)) => {
-                        tracing::warn!(request.id = %id, error = %e, "re-confirm refused");
-                        break false;
-                    }
-                    Err(e) => {
-                        tracing::warn!(request.id = %id, error = %e, "re-confirm outcome unknown; reading again");
-                        tokio::select! {
-                            _ = self.cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
-                    }
+                    continue;
                 }
             };
-            if confirmed {
-                if let Some(o) = self.lock().owned.get_mut(&id) {
-                    o.claim.epoch = epoch;
+            let still_ours = record.as_ref().is_some_and(|r| {
+                r.value
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| c.same_owner(&owned.claim))
+                    && r.value.state != State::Deleted
+            });
+            if !still_ours {
+                break false;
+            }
+            let now = common::clock::now();
+            let old = owned.claim.clone();
+            match self
+                .bus
+                .records
+                .update_from(&id, record, |r| r.reconfirm(&old, epoch, now))
+                .await
+            {
+                Ok(_) => break true,
+                Err(e @ (UpdateError::Transition(_) | UpdateError::Missing)) => {
+                    tracing::warn!(request.id = %id, error = %e, "re-confirm refused");
+                    break false;
                 }
-                continue;
+                Err(e) => {
+                    tracing::warn!(request.id = %id, error = %e, "re-confirm outcome unknown; reading again");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
             }
-            if matches!(owned.phase, Phase::Claimed | Phase::Building) {
-                continue; // the build finds out itself and destroys what it made
+        };
+        if confirmed {
+            if let Some(o) = self.lock().owned.get_mut(&id) {
+                o.claim.epoch = epoch;
             }
-            metrics::counter!(m::FENCE_DESTROYS).increment(1);
-            tracing::warn!(request.id = %id, "claim lost while fenced; destroying our copy");
-            if self.destroy_confirmed(&id, AfterCleanup::Release).await {
-                let mut inner = self.lock();
-                inner.owned.remove(&id);
-                inner.ledger.release(&id);
-            }
+            return;
+        }
+        if matches!(owned.phase, Phase::Claimed | Phase::Building) {
+            return; // the build finds out itself and destroys what it made
+        }
+        metrics::counter!(m::FENCE_DESTROYS).increment(1);
+        tracing::warn!(request.id = %id, "claim lost while fenced; destroying our copy");
+        if self.destroy_confirmed(&id, AfterCleanup::Release).await {
+            let mut inner = self.lock();
+            inner.owned.remove(&id);
+            inner.ledger.release(&id);
         }
     }
 }
