@@ -14,7 +14,7 @@ use placement::shard::{MAX_PARTITIONS, default_shard_map, zone};
 use sim::central::{self, CentralConfig};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
-use sim::updraft::{self, Latency, UpdraftConfig};
+use sim::updraft::{self, UpdraftConfig};
 use sim::workload::{Arrivals, Mix, SyntheticSpec, WorkloadSpec};
 use sim::{PolicyKind, plan, report};
 
@@ -137,6 +137,10 @@ struct Common {
     /// Skip the plots.
     #[arg(long)]
     no_plots: bool,
+    /// Leave the simulator's own wall time out of the outputs: then the same seed gives
+    /// byte-identical report.md, report.json and timeseries.csv.
+    #[arg(long)]
+    no_wall: bool,
 }
 
 impl Common {
@@ -208,35 +212,13 @@ impl Common {
         if let Some(s) = self.guard_share {
             pull.guard.share = s;
         }
-        Ok(UpdraftConfig {
-            map,
-            pull,
-            // measured on one nats-server on this kind of machine (BENCHMARKS.md)
-            publish: Latency {
-                base_ms: 0.3,
-                tail_ms: 0.3,
-            },
-            fetch: Latency {
-                base_ms: 0.3,
-                tail_ms: 0.5,
-            },
-            cas: Latency {
-                base_ms: 0.4,
-                tail_ms: 0.6,
-            },
-            nak_delay: 1000,
-            ack_wait: 5000,
-            max_waiting: 20_000,
-            build_time: self.build_s * 1000,
-            deadline: self.deadline_s * 1000,
-            max_attempts: placement::lifecycle::DEFAULT_MAX_ATTEMPTS,
-            build_failure_rate: self.build_failure_rate,
-            node_death_rate: self.node_death_rate,
-            repair_time: 600_000,
-            lease_ttl: 15_000,
-            sample_every: self.sample_s * 1000,
-            seed: self.seed,
-        })
+        let mut cfg = UpdraftConfig::new(map, pull, self.seed);
+        cfg.build_time = self.build_s * 1000;
+        cfg.deadline = self.deadline_s * 1000;
+        cfg.build_failure_rate = self.build_failure_rate;
+        cfg.node_death_rate = self.node_death_rate;
+        cfg.sample_every = self.sample_s * 1000;
+        Ok(cfg)
     }
 
     fn run(&self, policy: PolicyKind, cluster: &ClusterSpec) -> anyhow::Result<Report> {
@@ -286,6 +268,13 @@ fn write_outputs(
     header: &str,
     lb: usize,
 ) -> anyhow::Result<()> {
+    let mut reports = reports.to_vec();
+    if common.no_wall {
+        for r in &mut reports {
+            r.wall_s = 0.0;
+        }
+    }
+    let reports = &reports[..];
     let out = &common.out;
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let md = format!(

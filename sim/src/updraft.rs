@@ -89,6 +89,41 @@ pub struct UpdraftConfig {
     pub seed: u64,
 }
 
+impl UpdraftConfig {
+    /// The model with the NATS latencies measured on one nats-server (BENCHMARKS.md), the
+    /// agent's defaults (nak delay, ack wait, attempts, lease) and a 20 s build.
+    pub fn new(map: ShardMap, pull: PullConfig, seed: u64) -> Self {
+        UpdraftConfig {
+            map,
+            pull,
+            publish: Latency {
+                base_ms: 0.3,
+                tail_ms: 0.3,
+            },
+            fetch: Latency {
+                base_ms: 0.3,
+                tail_ms: 0.5,
+            },
+            cas: Latency {
+                base_ms: 0.4,
+                tail_ms: 0.6,
+            },
+            nak_delay: 1000,
+            ack_wait: 5000,
+            max_waiting: 20_000,
+            build_time: 20_000,
+            deadline: 300_000,
+            max_attempts: placement::lifecycle::DEFAULT_MAX_ATTEMPTS,
+            build_failure_rate: 0.0,
+            node_death_rate: 0.0,
+            repair_time: 600_000,
+            lease_ttl: 15_000,
+            sample_every: 300_000,
+            seed,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReqState {
     Waiting,
@@ -209,6 +244,8 @@ struct Sim<'a> {
     rec: Recorder,
     in_use: usize,
     largest: Resources,
+    /// When the dispatcher's sweep last ran.
+    last_sweep: Millis,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -767,8 +804,10 @@ impl Sim<'_> {
             set.insert(u32::try_from(ci).unwrap_or(u32::MAX));
         }
         let changed = set != self.flag_set;
+        let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
         self.flags = flags;
         self.flag_set = set;
+        self.last_sweep = now;
         if now.is_multiple_of(10_000) {
             // requests per minute over the last 10 s, decayed
             for (ci, n) in self.arrivals_window.iter_mut().enumerate() {
@@ -790,12 +829,46 @@ impl Sim<'_> {
                 }
             }
         }
-        if changed {
+        if changed || guard_ended {
             self.rec.count("flag_changes", 1);
             for n in 0..self.nodes.len() {
                 self.replan(u32::try_from(n).unwrap_or(u32::MAX), now);
             }
+        } else if open_more {
+            // a backlog grew old enough for the next tier of empty nodes to open
+            self.rec.count("tier_openings", 1);
+            for n in 0..self.nodes.len() {
+                if self.nodes[n].vms == 0 {
+                    self.replan(u32::try_from(n).unwrap_or(u32::MAX), now);
+                }
+            }
         }
+    }
+
+    /// Whether, since the last sweep, a backlog passed a point where the planner's answer
+    /// changes with time alone: the age at which the next tier of empty nodes opens (pack),
+    /// or the guard's longest hold. The agent re-plans each second and sees these on its
+    /// own; the model re-plans on events, so it must be told.
+    fn thresholds_crossed(&self, flags: &[BacklogFlag], now: Millis) -> (bool, bool) {
+        let prev = self.last_sweep;
+        let crossed = |since: Timestamp, at: Millis| {
+            let t = since.0.saturating_add(at);
+            prev < t && t <= now
+        };
+        let max_hold = u64::try_from(self.cfg.pull.guard.max_hold.as_millis()).unwrap_or(u64::MAX);
+        let tiered = self.cfg.pull.policy == Policy::Pack && self.cfg.pull.open_tiers > 1;
+        let mut open_more = false;
+        let mut guard_ended = false;
+        for f in flags {
+            let spill =
+                u64::try_from(self.cfg.map.spill_after(f.class.size).as_millis()).unwrap_or(0);
+            if tiered {
+                open_more |= (1..u64::from(self.cfg.pull.open_tiers))
+                    .any(|k| crossed(f.since, spill.saturating_mul(k)));
+            }
+            guard_ended |= crossed(f.since, max_hold);
+        }
+        (open_more, guard_ended)
     }
 }
 
@@ -850,6 +923,7 @@ pub fn run(
         rec: Recorder::default(),
         in_use: 0,
         largest,
+        last_sweep: 0,
     };
     // every node joins at time 0
     for n in 0..count {

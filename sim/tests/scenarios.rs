@@ -1,0 +1,274 @@
+#![allow(clippy::unwrap_used, clippy::tests_outside_test_module)] // test code: a panic is the failure report
+
+//! The simulator on scenarios whose right answers are known, its determinism, and the central
+//! baselines against a brute-force reference on tiny inputs.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use placement::Resources;
+use placement::policy::Policy;
+use placement::pull::PullConfig;
+use placement::resources::AllocationRatios;
+use placement::shard::default_shard_map;
+use rand::{RngExt, SeedableRng};
+use sim::central::{self, CentralConfig};
+use sim::cluster::{ClusterSpec, ShapeCount};
+use sim::stats::Report;
+use sim::updraft::{self, UpdraftConfig};
+use sim::workload::{Arrivals, Mix, SyntheticSpec, WorkloadSpec};
+use sim::{PolicyKind, report};
+
+fn cluster(nodes: usize, vcpus: u32, mem_gib: u64) -> ClusterSpec {
+    ClusterSpec {
+        shapes: vec![
+            format!("{nodes}x{vcpus}x{mem_gib}")
+                .parse::<ShapeCount>()
+                .unwrap(),
+        ],
+        ratios: AllocationRatios {
+            cpu: 1.0,
+            ram: 1.0,
+            disk: 1.0,
+        },
+        reserved_mib: 0,
+    }
+}
+
+/// A trace in the simple format: (arrival s, lifetime s, vCPUs, memory MiB).
+fn trace(rows: &[(u64, u64, u32, u64)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.csv");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "arrival_s,lifetime_s,vcpus,memory_mib").unwrap();
+    for (a, l, c, m) in rows {
+        writeln!(f, "{a},{l},{c},{m}").unwrap();
+    }
+    (dir, path)
+}
+
+fn updraft_cfg(policy: Policy, seed: u64) -> UpdraftConfig {
+    let mut c = UpdraftConfig::new(
+        default_shard_map(placement::Zone::new("az1").unwrap()),
+        PullConfig {
+            policy,
+            ..PullConfig::default()
+        },
+        seed,
+    );
+    c.build_time = 1000;
+    c.deadline = 60_000;
+    c.sample_every = 10_000;
+    c
+}
+
+fn central_cfg() -> CentralConfig {
+    CentralConfig {
+        deadline: 60_000,
+        sample_every: 10_000,
+        retry_batch: 64,
+        seed: 1,
+        map: default_shard_map(placement::Zone::new("az1").unwrap()),
+    }
+}
+
+fn run(kind: PolicyKind, c: &ClusterSpec, w: &WorkloadSpec, seed: u64) -> Report {
+    let nodes = c.nodes().unwrap();
+    let wl = w.open().unwrap();
+    match kind {
+        PolicyKind::Updraft => updraft::run(nodes, wl, &updraft_cfg(Policy::Pack, seed)).unwrap(),
+        PolicyKind::UpdraftSpread => {
+            updraft::run(nodes, wl, &updraft_cfg(Policy::Spread, seed)).unwrap()
+        }
+        k => central::run(k, nodes, wl, &central_cfg()).unwrap(),
+    }
+}
+
+#[test]
+fn a_workload_that_exactly_fills_the_cluster_is_all_placed() {
+    // 4 nodes of 16 vCPU / 64 GiB; 32 VMs of 2 vCPU / 8 GiB fill them to the last byte
+    let rows: Vec<_> = (0..32).map(|i| (i, 1_000, 2, 8192)).collect();
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(4, 16, 64);
+    for kind in PolicyKind::ALL {
+        let r = run(kind, &c, &w, 1);
+        assert_eq!(r.arrived, 32, "{}", kind.name());
+        assert_eq!(r.placed, 32, "{}: wait {:?}", kind.name(), r.wait);
+        assert_eq!(r.failed, 0, "{}", kind.name());
+        assert_eq!(r.peak_hosts, 4, "{}", kind.name());
+        assert!(
+            r.peak_mem_util > 0.999,
+            "{}: {}",
+            kind.name(),
+            r.peak_mem_util
+        );
+    }
+}
+
+#[test]
+fn what_cannot_fit_fails_and_nothing_else_does() {
+    // one more VM than fits, and one larger than any node
+    let mut rows: Vec<_> = (0..33).map(|i| (i, 1_000, 2, 8192)).collect();
+    rows.push((40, 1_000, 32, 200 * 1024));
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(4, 16, 64);
+    for kind in PolicyKind::ALL {
+        let r = run(kind, &c, &w, 1);
+        assert_eq!(
+            (r.arrived, r.placed, r.failed),
+            (34, 32, 2),
+            "{}",
+            kind.name()
+        );
+    }
+}
+
+#[test]
+fn departures_make_room_for_waiting_requests() {
+    // the cluster holds one VM at a time; each lives 10 s; the second waits for the first
+    let rows = vec![(0, 10, 16, 60 * 1024), (1, 10, 16, 60 * 1024)];
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(1, 16, 64);
+    for kind in [
+        PolicyKind::Updraft,
+        PolicyKind::BestFit,
+        PolicyKind::FirstFit,
+    ] {
+        let r = run(kind, &c, &w, 1);
+        assert_eq!(r.placed, 2, "{}", kind.name());
+        // the second waited for the first to leave: about 9 s (plus the protocol's own time)
+        assert!(r.wait.max >= 8_000, "{}: {:?}", kind.name(), r.wait);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_identical_outputs_and_another_seed_does_not() {
+    let w = WorkloadSpec::Synthetic(SyntheticSpec {
+        requests: 3000,
+        rate_per_s: 20.0,
+        arrivals: Arrivals::Bursty,
+        mix: Mix::Large,
+        mean_lifetime_s: 120.0,
+        seed: 9,
+    });
+    let c = cluster(12, 64, 256);
+    let outputs = |seed: u64| {
+        let mut r = run(PolicyKind::Updraft, &c, &w, seed);
+        r.wall_s = 0.0;
+        let dir = tempfile::tempdir().unwrap();
+        report::write_csv(dir.path(), std::slice::from_ref(&r)).unwrap();
+        let csv = std::fs::read(dir.path().join("timeseries.csv")).unwrap();
+        (
+            serde_json::to_string(&r).unwrap(),
+            report::table(&[r], None),
+            csv,
+        )
+    };
+    let a = outputs(5);
+    let b = outputs(5);
+    assert_eq!(a, b, "same seed, same bytes");
+    let c2 = outputs(6);
+    assert_ne!(a.0, c2.0, "another seed draws other latencies and choices");
+}
+
+/// The reference central scheduler: place each arrival (no departures) on the node the policy
+/// names, scanning every node, in plain code.
+fn reference(kind: PolicyKind, nodes: &[Resources], reqs: &[Resources]) -> (u64, usize) {
+    let mut free = nodes.to_vec();
+    let mut used = vec![false; nodes.len()];
+    let mut placed = 0;
+    for r in reqs {
+        let fits: Vec<usize> = (0..free.len()).filter(|i| r.fits(&free[*i])).collect();
+        let left = |i: usize| {
+            let f = &free[i];
+            f64::from(f.vcpus - r.vcpus) / f64::from(nodes[i].vcpus)
+                + (f.memory_mib - r.memory_mib) as f64 / nodes[i].memory_mib as f64
+        };
+        let pick = match kind {
+            PolicyKind::FirstFit => fits.first().copied(),
+            PolicyKind::BestFit => fits
+                .iter()
+                .copied()
+                .min_by(|a, b| left(*a).total_cmp(&left(*b))),
+            PolicyKind::WorstFit => fits
+                .iter()
+                .copied()
+                .min_by(|a, b| left(*b).total_cmp(&left(*a))),
+            // the least free memory that fits, then the fewest free vCPUs
+            PolicyKind::BestFitIndexed => fits
+                .iter()
+                .copied()
+                .min_by_key(|i| (free[*i].memory_mib, free[*i].vcpus, *i)),
+            // Nova's RAM weigher: the most free memory, the first such node on a tie
+            PolicyKind::Nova => fits
+                .iter()
+                .copied()
+                .min_by_key(|i| (std::cmp::Reverse(free[*i].memory_mib), *i)),
+            _ => unreachable!(),
+        };
+        if let Some(i) = pick {
+            free[i] = free[i].checked_sub(r).unwrap();
+            used[i] = true;
+            placed += 1;
+        }
+    }
+    (placed, used.iter().filter(|u| **u).count())
+}
+
+#[test]
+fn central_baselines_match_a_brute_force_reference_on_tiny_inputs() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for case in 0..200 {
+        let n_nodes = rng.random_range(1..5usize);
+        let c = cluster(n_nodes, 8, 32);
+        let nodes: Vec<Resources> = c
+            .nodes()
+            .unwrap()
+            .iter()
+            .map(|n| n.capacity.clone())
+            .collect();
+        let n_reqs = rng.random_range(1..12usize);
+        let reqs: Vec<(u64, u64, u32, u64)> = (0..n_reqs)
+            .map(|i| {
+                let v = rng.random_range(1..=8u32);
+                let m = rng.random_range(1..=32u64) * 1024;
+                (i as u64, 1_000, v, m)
+            })
+            .collect();
+        let (_d, path) = trace(&reqs);
+        let w = WorkloadSpec::Trace { path, limit: None };
+        let rs: Vec<Resources> = reqs
+            .iter()
+            .map(|(_, _, v, m)| Resources::new(*v, *m, 0))
+            .collect();
+        for kind in [
+            PolicyKind::FirstFit,
+            PolicyKind::BestFit,
+            PolicyKind::WorstFit,
+            PolicyKind::BestFitIndexed,
+            PolicyKind::Nova,
+        ] {
+            let r = run(kind, &c, &w, 1);
+            let (placed, hosts) = reference(kind, &nodes, &rs);
+            assert_eq!(
+                (r.placed, r.peak_hosts),
+                (placed, hosts),
+                "case {case} {}: nodes {nodes:?} reqs {rs:?}",
+                kind.name()
+            );
+        }
+        // the lower bound never exceeds what a policy used when it placed everything
+        let lb = sim::plan::lower_bound(&w, &nodes[0]).unwrap();
+        let lin = run(PolicyKind::BestFit, &c, &w, 1);
+        if usize::try_from(lin.placed) == Ok(rs.len()) {
+            assert!(
+                lb <= lin.peak_hosts,
+                "case {case}: lb {lb} > {}",
+                lin.peak_hosts
+            );
+        }
+    }
+}
