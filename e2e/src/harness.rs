@@ -313,11 +313,25 @@ impl Harness {
         totals: Resources,
         extra: &[String],
     ) -> anyhow::Result<()> {
-        let cfg = agent_config(&self.url, node, self.state_dir(node), &totals);
+        let url = self.url.clone();
+        self.spawn_agent_in(node, totals, extra, &url, None)
+    }
+
+    /// Starts a real `updraft-agent` process that connects to `url`, inside network
+    /// namespace `netns` when given (the agent runs as `ip netns exec <ns> updraft-agent`).
+    pub fn spawn_agent_in(
+        &mut self,
+        node: &str,
+        totals: Resources,
+        extra: &[String],
+        url: &str,
+        netns: Option<&crate::netns::Netns>,
+    ) -> anyhow::Result<()> {
+        let cfg = agent_config(url, node, self.state_dir(node), &totals);
         let mut args = vec![
             format!("--set=node_id={node}"),
             format!("--set=state_dir={}", cfg.state_dir.display()),
-            format!("--set=nats.url={}", self.url),
+            format!("--set=nats.url={url}"),
             "--set=heartbeat_interval=1s".into(),
             "--set=reserved.vcpus=0".into(),
             "--set=reserved.memory_mib=0".into(),
@@ -337,7 +351,15 @@ impl Harness {
         args.extend(extra.iter().cloned());
         std::fs::create_dir_all(&cfg.state_dir)?;
         let log = self.dir.path().join(format!("{node}.log"));
-        let p = Proc::spawn(&bin("updraft-agent"), args, log)?;
+        let p = match netns {
+            None => Proc::spawn(&bin("updraft-agent"), args, log)?,
+            Some(ns) => {
+                let mut all = ns.exec_prefix();
+                all.push(bin("updraft-agent").display().to_string());
+                all.extend(args);
+                Proc::spawn(std::path::Path::new("ip"), all, log)?
+            }
+        };
         let capacity = placement::resources::schedulable_capacity(
             &totals,
             &Resources::default(),

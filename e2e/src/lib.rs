@@ -7,6 +7,7 @@
 
 pub mod checker;
 pub mod harness;
+pub mod netns;
 pub mod process;
 
 pub use checker::{Report, check};

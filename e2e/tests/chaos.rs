@@ -4,7 +4,8 @@
 //! of requests, and one kind of fault injected again and again while it runs: agents killed
 //! with SIGKILL mid-build and restarted; agents frozen past their lease and thawed (zombies);
 //! dispatchers killed and restarted; the NATS stream leader of a 3-server R3 cluster killed
-//! and restarted. At the end the invariant checker reads the drivers' own logs and every
+//! and restarted; agents cut off the network (their own namespace's link taken down) past
+//! their lease and healed. At the end the invariant checker reads the drivers' own logs and every
 //! record, and each run prints one row of RELIABILITY.md (and writes it as JSON under
 //! `target/reliability/`).
 //!
@@ -15,6 +16,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use e2e::harness::{Harness, HarnessOptions, LEASE_TTL};
+use e2e::netns::{Forwarder, Netns};
 use e2e::process::{Proc, bin};
 use placement::Resources;
 use placement::lifecycle::{RequestRecord, State};
@@ -27,6 +29,7 @@ enum Fault {
     FreezeAgent,
     KillDispatcher,
     KillNatsLeader,
+    CutAgent,
 }
 
 impl Fault {
@@ -36,6 +39,7 @@ impl Fault {
             Fault::FreezeAgent => "SIGSTOP agent past its lease, SIGCONT",
             Fault::KillDispatcher => "kill -9 dispatcher, restart",
             Fault::KillNatsLeader => "kill NATS stream leader (R3), restart",
+            Fault::CutAgent => "cut agent off the network past its lease (netns), heal",
         }
     }
 
@@ -45,6 +49,7 @@ impl Fault {
             Fault::FreezeAgent => "freeze-agent",
             Fault::KillDispatcher => "kill-dispatcher",
             Fault::KillNatsLeader => "kill-nats-leader",
+            Fault::CutAgent => "cut-agent",
         }
     }
 }
@@ -162,18 +167,27 @@ async fn chaos(fault: Fault) {
         dispatchers.push(p);
         apis.push(api);
     }
-    // six agents that build slowly enough to be caught mid-build
+    // six agents that build slowly enough to be caught mid-build; to be cut off, each runs in
+    // its own network namespace and reaches NATS through a relay on its link
     let agents: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
-    for a in &agents {
-        h.spawn_agent(
-            a,
-            Resources::new(512, 2048 * 1024, 100_000),
-            &[
-                "--set=driver.memory.build_time=300ms".into(),
-                "--set=driver.memory.build_jitter=400ms".into(),
-            ],
-        )
-        .unwrap();
+    let mut nets = Vec::new();
+    let nats_addr: std::net::SocketAddr = h.url.trim_start_matches("nats://").parse().unwrap();
+    for (i, a) in agents.iter().enumerate() {
+        let extra = [
+            "--set=driver.memory.build_time=300ms".to_string(),
+            "--set=driver.memory.build_jitter=400ms".to_string(),
+        ];
+        let totals = Resources::new(512, 2048 * 1024, 100_000);
+        if fault == Fault::CutAgent {
+            let ns = Netns::create(u8::try_from(i).unwrap()).unwrap();
+            let relay = Forwarder::start(ns.host_addr, nats_addr).await.unwrap();
+            let url = format!("nats://{}", relay.addr);
+            h.spawn_agent_in(a, totals, &extra, &url, Some(&ns))
+                .unwrap();
+            nets.push((ns, relay));
+        } else {
+            h.spawn_agent(a, totals, &extra).unwrap();
+        }
     }
     h.wait_nodes(agents.len(), Duration::from_secs(60))
         .await
@@ -242,6 +256,16 @@ async fn chaos(fault: Fault) {
                 dispatchers[i].kill9();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 dispatchers[i].restart().unwrap();
+            }
+            Fault::CutAgent => {
+                let i = rng.random_range(0..agents.len());
+                let from = common::clock::now().as_millis();
+                nets[i].0.cut().unwrap();
+                tokio::time::sleep(LEASE_TTL + Duration::from_secs(2)).await;
+                nets[i].0.heal().unwrap();
+                let to = common::clock::now().as_millis();
+                // cut off, it could not learn it was replaced: count the cut like a freeze
+                h.note_pause(&agents[i], from, to);
             }
             Fault::KillNatsLeader => {
                 let js = h.bus.js.clone();
@@ -362,6 +386,7 @@ async fn chaos(fault: Fault) {
         );
     }
     h.shutdown().await;
+    drop(nets);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -382,4 +407,13 @@ async fn chaos_kill_dispatchers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_kill_the_nats_stream_leader() {
     chaos(Fault::KillNatsLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_cut_agents_off_the_network() {
+    assert!(
+        Netns::available(),
+        "this test makes network namespaces: run it as root with iproute2 installed"
+    );
+    chaos(Fault::CutAgent).await;
 }

@@ -448,6 +448,19 @@ async fn killing_the_stream_leader_of_an_r3_cluster_loses_nothing() {
         .unwrap();
     let report = h.check().await.unwrap();
     assert!(report.clean(), "{:#?}", report.violations);
-    assert_eq!(report.builds, 250, "one build per request");
+    // one build per request, unless the failover outlasted the agents' 3 s lease: then an
+    // agent fences, a reaper re-queues what it was building, and the record's next attempt
+    // is built again (the first copy destroyed within the bound, as the checker saw)
+    let recs = h.records().await.unwrap();
+    let requeued = recs
+        .iter()
+        .filter(|r| all.contains(&r.spec.id.to_string()))
+        .filter(|r| r.attempt > 1)
+        .count();
+    assert!(
+        report.builds >= 250 && report.builds - 250 <= requeued,
+        "{} builds for 250 requests, {requeued} of them re-queued",
+        report.builds
+    );
     h.shutdown().await;
 }

@@ -25,7 +25,7 @@ use crate::policy::{
     Backlogged, GuardConfig, HoldBack, Policy, fitness_bucket, hold_back, open_tier,
 };
 use crate::resources::Resources;
-use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
+use crate::shard::{Lane, ShardId, ShardMap};
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
@@ -297,37 +297,35 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             break;
         }
         let size_ok = usize::from(c.size) < map.size_classes.len();
+        // what is allowed below never exceeds the budget: skip the shard's construction
+        // (allocations) for what cannot fit anyway
+        if !size_ok || !c.credit.fits(&budget) {
+            continue;
+        }
         let shard = ShardId {
             zone: node.zone.clone(),
             tclass: c.tclass.clone(),
             size: c.size,
-            part: if size_ok {
-                map.node_partition(node.id.as_str(), c.size)
-            } else {
-                0
-            },
+            part: map.node_partition(node.id.as_str(), c.size),
         };
-        let held = outstanding
-            .iter()
-            .filter(|(s, l)| *s == shard && *l == c.lane)
-            .count()
-            + out
-                .pulls
-                .iter()
-                .filter(|p| p.shard == shard && p.lane == c.lane)
-                .count();
+        // cheap fields first: most pulls differ in size or partition
+        let same = |s: &ShardId, l: Lane| {
+            s.size == shard.size && s.part == shard.part && l == c.lane && *s == shard
+        };
+        let held = outstanding.iter().filter(|(s, l)| same(s, *l)).count()
+            + out.pulls.iter().filter(|p| same(&p.shard, p.lane)).count();
         let cap = if c.lane == Lane::Fit { per_class } else { 1 };
-        if !size_ok || held >= cap {
+        if held >= cap {
             continue;
         }
-        let class = ClassKey {
-            zone: shard.zone.clone(),
-            tclass: shard.tclass.clone(),
-            size: shard.size,
-        };
-        let mut allowed = match &out.hold {
-            Some(h) if h.class != class => budget.saturating_sub(&h.headroom),
-            _ => budget.clone(),
+        let held_for_other = out.hold.as_ref().filter(|h| {
+            !(h.class.size == shard.size
+                && h.class.tclass == shard.tclass
+                && h.class.zone == shard.zone)
+        });
+        let mut allowed = match held_for_other {
+            Some(h) => budget.saturating_sub(&h.headroom),
+            None => budget.clone(),
         };
         if !home.contains(&c.tclass) {
             // overflow work: lend only up to the overflow share of the node
@@ -376,16 +374,17 @@ pub fn priority_tolerance(policy: Policy) -> u8 {
 /// outstanding: an outstanding pull that the plan still wants on the same shard and lane,
 /// with a priority at most `tolerance` buckets away ([`priority_tolerance`]), is kept; the
 /// rest is cancelled, and what the plan wants beyond the kept pulls is issued.
-pub fn diff_pulls<K: Copy>(
+pub fn diff_pulls<K: Copy, S: std::borrow::Borrow<ShardId>>(
     desired: Vec<PullIntent>,
-    held: &[(K, ShardId, Lane, u8)],
+    held: &[(K, S, Lane, u8)],
     tolerance: u8,
 ) -> PullDiff<K> {
     let mut issue = desired;
     let mut cancel = Vec::new();
     for (id, shard, lane, priority) in held {
+        let shard: &ShardId = shard.borrow();
         match issue.iter().position(|d| {
-            &d.shard == shard && d.lane == *lane && d.priority.abs_diff(*priority) <= tolerance
+            d.lane == *lane && d.priority.abs_diff(*priority) <= tolerance && &d.shard == shard
         }) {
             Some(i) => {
                 issue.remove(i);
@@ -466,6 +465,7 @@ mod tests {
     use crate::ids::{NodeId, Zone};
     use crate::ledger::PullId;
     use crate::resources::AllocationRatios;
+    use crate::shard::ClassKey;
     use crate::shard::default_shard_map;
     use rand::SeedableRng;
 

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::cluster::NodeSpec;
 use crate::events::EventQueue;
-use crate::stats::{Recorder, Report, Sample};
+use crate::stats::{FleetTally, Recorder, Report, Sample};
 use crate::workload::{Arrival, Workload, WorkloadError};
 use crate::{Millis, PolicyKind};
 
@@ -45,9 +45,18 @@ struct Fleet {
     in_use: usize,
     /// (free memory, free vCPUs, node), for best-fit-indexed.
     index: Option<BTreeSet<(u64, u32, u32)>>,
+    /// Utilization sums, for samples that cost the same at any fleet size.
+    tally: FleetTally,
 }
 
 impl Fleet {
+    /// Node `i`'s unallocated share changed from `before`.
+    fn retally(&mut self, i: usize, before: &Resources) {
+        let cap = self.ledgers[i].capacity();
+        self.tally.remove(cap, before);
+        self.tally.add(cap, &self.ledgers[i].unallocated());
+    }
+
     fn key(&self, i: usize) -> (u64, u32, u32) {
         let f = self.ledgers[i].unallocated();
         (f.memory_mib, f.vcpus, u32::try_from(i).unwrap_or(u32::MAX))
@@ -55,9 +64,11 @@ impl Fleet {
 
     fn reserve(&mut self, i: usize, rid: &RequestId, res: &Resources) -> bool {
         let before = self.index.is_some().then(|| self.key(i));
+        let free = self.ledgers[i].unallocated();
         if self.ledgers[i].reserve(rid, res, None).is_err() {
             return false;
         }
+        self.retally(i, &free);
         if let (Some(b), Some(_)) = (before, self.index.as_ref()) {
             let after = self.key(i);
             if let Some(ix) = self.index.as_mut() {
@@ -74,9 +85,11 @@ impl Fleet {
 
     fn release(&mut self, i: usize, rid: &RequestId) {
         let before = self.index.is_some().then(|| self.key(i));
+        let free = self.ledgers[i].unallocated();
         if self.ledgers[i].release(rid).is_none() {
             return;
         }
+        self.retally(i, &free);
         if let Some(b) = before {
             let after = self.key(i);
             if let Some(ix) = self.index.as_mut() {
@@ -201,7 +214,11 @@ pub fn run(
         nodes,
         in_use: 0,
         index: None,
+        tally: FleetTally::default(),
     };
+    for l in &fleet.ledgers {
+        fleet.tally.add(l.capacity(), &l.unallocated());
+    }
     if kind == PolicyKind::BestFitIndexed {
         fleet.index = Some((0..count).map(|i| fleet.key(i)).collect());
     }
@@ -293,14 +310,20 @@ pub fn run(
                 }
             }
             Ev::Sample => {
-                rec.samples.push(Sample::measure(
-                    now,
-                    pending.len(),
-                    fleet
-                        .ledgers
-                        .iter()
-                        .map(|l| (l.capacity(), l.unallocated())),
-                ));
+                let s = fleet.tally.sample(now, pending.len());
+                debug_assert_eq!(
+                    s,
+                    Sample::measure(
+                        now,
+                        pending.len(),
+                        fleet
+                            .ledgers
+                            .iter()
+                            .map(|l| (l.capacity(), l.unallocated())),
+                    ),
+                    "the running tally matches a full scan"
+                );
+                rec.samples.push(s);
                 if next.is_some() || live > 0 || !pending.is_empty() {
                     q.push(now + cfg.sample_every, Ev::Sample);
                 }

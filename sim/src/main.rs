@@ -18,6 +18,11 @@ use sim::updraft::{self, UpdraftConfig};
 use sim::workload::{Arrivals, Mix, SyntheticSpec, WorkloadSpec};
 use sim::{PolicyKind, plan, report};
 
+/// The simulator allocates and frees many small values per event (plans, intents, shard ids);
+/// mimalloc does that about twice as fast as glibc's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// updraft's capacity simulator.
 #[derive(Debug, Parser)]
 #[command(version, about)]

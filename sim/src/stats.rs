@@ -27,39 +27,83 @@ pub struct Sample {
 
 impl Sample {
     /// Measures a fleet given each node's (capacity, unallocated).
-    #[allow(clippy::cast_precision_loss)]
     pub fn measure<'a>(
         t: Millis,
         waiting: usize,
         nodes: impl Iterator<Item = (&'a Resources, Resources)>,
     ) -> Sample {
-        let (mut cap_cpu, mut cap_mem, mut free_cpu, mut free_mem, mut str_cpu, mut str_mem) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut hosts = 0;
+        let mut tally = FleetTally::default();
         for (cap, free) in nodes {
-            cap_cpu += u64::from(cap.vcpus);
-            cap_mem += cap.memory_mib;
-            free_cpu += u64::from(free.vcpus);
-            free_mem += free.memory_mib;
-            if &free != cap {
-                hosts += 1;
-            }
-            if free.vcpus == 0 {
-                str_mem += free.memory_mib;
-            }
-            if free.memory_mib < 1024 {
-                str_cpu += u64::from(free.vcpus);
+            tally.add(cap, &free);
+        }
+        tally.sample(t, waiting)
+    }
+}
+
+/// Running sums over a fleet, kept up to date node by node as ledgers change, so that a
+/// sample costs the same at 100 nodes and at 100,000.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetTally {
+    cap_cpu: u64,
+    cap_mem: u64,
+    free_cpu: u64,
+    free_mem: u64,
+    stranded_cpu: u64,
+    stranded_mem: u64,
+    hosts: usize,
+}
+
+impl FleetTally {
+    /// Adds a node with `free` of `cap` unallocated.
+    pub fn add(&mut self, cap: &Resources, free: &Resources) {
+        self.apply(cap, free, true);
+    }
+
+    /// Takes away what [`FleetTally::add`] added for the same values.
+    pub fn remove(&mut self, cap: &Resources, free: &Resources) {
+        self.apply(cap, free, false);
+    }
+
+    fn apply(&mut self, cap: &Resources, free: &Resources, add: bool) {
+        let op = |v: &mut u64, x: u64| {
+            *v = if add {
+                v.saturating_add(x)
+            } else {
+                v.saturating_sub(x)
+            };
+        };
+        op(&mut self.cap_cpu, u64::from(cap.vcpus));
+        op(&mut self.cap_mem, cap.memory_mib);
+        op(&mut self.free_cpu, u64::from(free.vcpus));
+        op(&mut self.free_mem, free.memory_mib);
+        // free memory with no vCPU left, and free vCPUs with less than 1 GiB left: stranded
+        if free.vcpus == 0 {
+            op(&mut self.stranded_mem, free.memory_mib);
+        }
+        if free.memory_mib < 1024 {
+            op(&mut self.stranded_cpu, u64::from(free.vcpus));
+        }
+        if free != cap {
+            if add {
+                self.hosts += 1;
+            } else {
+                self.hosts = self.hosts.saturating_sub(1);
             }
         }
+    }
+
+    /// The sample these sums make at time `t`.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn sample(&self, t: Millis, waiting: usize) -> Sample {
         let share = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         Sample {
             t_s: t / 1000,
-            hosts_in_use: hosts,
-            cpu_util: share(cap_cpu - free_cpu, cap_cpu),
-            mem_util: share(cap_mem - free_mem, cap_mem),
+            hosts_in_use: self.hosts,
+            cpu_util: share(self.cap_cpu - self.free_cpu, self.cap_cpu),
+            mem_util: share(self.cap_mem - self.free_mem, self.cap_mem),
             waiting,
-            stranded_mem: share(str_mem, cap_mem),
-            stranded_cpu: share(str_cpu, cap_cpu),
+            stranded_mem: share(self.stranded_mem, self.cap_mem),
+            stranded_cpu: share(self.stranded_cpu, self.cap_cpu),
         }
     }
 }

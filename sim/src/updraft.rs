@@ -30,7 +30,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::Millis;
 use crate::cluster::NodeSpec;
 use crate::events::EventQueue;
-use crate::stats::{Recorder, Report, Sample};
+use crate::stats::{FleetTally, Recorder, Report, Sample};
 use crate::workload::{Arrival, Workload, WorkloadError};
 
 /// A latency: a fixed part plus an exponential tail with the given mean (ms).
@@ -174,6 +174,11 @@ struct NodeSim {
     alive: bool,
     vms: u32,
     rng: ChaCha8Rng,
+    /// Its opening tier while empty under pack (`placement::policy::open_tier`).
+    tier: u8,
+    /// Its unallocated resources as last entered in `Sim::by_free` and `Sim::tally` (None:
+    /// in neither, while dead).
+    indexed: Option<Resources>,
 }
 
 #[derive(Debug)]
@@ -246,6 +251,12 @@ struct Sim<'a> {
     largest: Resources,
     /// When the dispatcher's sweep last ran.
     last_sweep: Millis,
+    /// Live nodes by unallocated memory: who could act on a backlog of a given size.
+    by_free: BTreeSet<(u64, u32)>,
+    /// Live nodes with nothing allocated.
+    empty: BTreeSet<u32>,
+    /// Utilization sums over live nodes, for samples.
+    tally: FleetTally,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -283,6 +294,7 @@ impl Sim<'_> {
 
     /// Re-plans node `n`'s pulls and serves the lanes it joined.
     fn replan(&mut self, n: u32, now: Millis) {
+        self.reindex(n);
         let node = &mut self.nodes[n as usize];
         if !node.alive {
             return;
@@ -299,14 +311,14 @@ impl Sim<'_> {
             now: Timestamp(now),
         };
         let plan = plan_pulls(&input, &mut node.rng);
-        let held: Vec<(u64, ShardId, Lane, u8)> = node
+        let held: Vec<(u64, &ShardId, Lane, u8)> = node
             .pulls
             .iter()
             .map(|(id, (lane, prio))| {
                 let s = &self.shards[(*lane / 2) as usize];
                 (
                     *id,
-                    s.clone(),
+                    s,
                     if lane % 2 == 1 {
                         Lane::Spill
                     } else {
@@ -358,6 +370,85 @@ impl Sim<'_> {
         for lane in touched {
             self.serve(lane, now);
         }
+    }
+
+    /// Keeps node `n`'s entries in `by_free` and `empty` true to its ledger (every ledger
+    /// change is followed by a re-plan, which calls this).
+    fn reindex(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        let free = node.alive.then(|| node.ledger.unallocated());
+        if node.indexed != free {
+            let cap = node.ledger.capacity();
+            if let Some(old) = &node.indexed {
+                self.by_free.remove(&(old.memory_mib, n));
+                self.tally.remove(cap, old);
+            }
+            if let Some(f) = &free {
+                self.by_free.insert((f.memory_mib, n));
+                self.tally.add(cap, f);
+            }
+            node.indexed.clone_from(&free);
+        }
+        if free.as_ref() == Some(node.ledger.capacity()) {
+            self.empty.insert(n);
+        } else {
+            self.empty.remove(&n);
+        }
+    }
+
+    /// Re-plans the nodes whose plan a change of `class`'s backlog can change: those with at
+    /// least the memory of the class's smallest request, or the guard's least progress.
+    fn replan_for(&mut self, classes: &BTreeSet<u32>, now: Millis) {
+        let Some(least) = classes
+            .iter()
+            .map(|ci| {
+                let c = &self.classes[*ci as usize];
+                let lower = self.cfg.map.lower_bound(c.size).memory_mib;
+                let guard = self
+                    .cfg
+                    .map
+                    .upper_bound(&c.tclass, c.size)
+                    .fraction(self.cfg.pull.guard.min_progress)
+                    .memory_mib;
+                lower.min(guard)
+            })
+            .min()
+        else {
+            return;
+        };
+        // an empty node of a tier no backlog has opened yet plans nothing: unless it holds
+        // pulls from an earlier opening, its plan cannot change (most of a large cluster while
+        // it ramps up)
+        let open = self.open_level(now);
+        let nodes: Vec<u32> = self
+            .by_free
+            .range((least, 0)..)
+            .map(|e| e.1)
+            .filter(|n| {
+                let node = &self.nodes[*n as usize];
+                !(node.tier > open && node.pulls.is_empty() && self.empty.contains(n))
+            })
+            .collect();
+        self.rec.count("backlog_replans", nodes.len() as u64);
+        for n in nodes {
+            self.replan(n, now);
+        }
+    }
+
+    /// The highest tier of empty nodes some backlog has opened (a tier-k node pulls a class
+    /// backed up for k spill deadlines).
+    fn open_level(&self, now: Millis) -> u8 {
+        self.flags
+            .iter()
+            .map(|f| {
+                let spill = u64::try_from(self.cfg.map.spill_after(f.class.size).as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let k = now.saturating_sub(f.since.0) / spill;
+                u8::try_from(k.min(u64::from(u8::MAX))).unwrap_or(u8::MAX)
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// Hands waiting messages of `lane` to its best waiting pulls.
@@ -601,13 +692,18 @@ impl Sim<'_> {
             Ev::Sweep => self.sweep(now),
             Ev::Sample => {
                 let waiting = self.waiting.iter().map(BTreeSet::len).sum();
-                let s = Sample::measure(
-                    now,
-                    waiting,
-                    self.nodes
-                        .iter()
-                        .filter(|n| n.alive)
-                        .map(|n| (n.ledger.capacity(), n.ledger.unallocated())),
+                let s = self.tally.sample(now, waiting);
+                debug_assert_eq!(
+                    s,
+                    Sample::measure(
+                        now,
+                        waiting,
+                        self.nodes
+                            .iter()
+                            .filter(|n| n.alive)
+                            .map(|n| (n.ledger.capacity(), n.ledger.unallocated())),
+                    ),
+                    "the running tally matches a full scan"
                 );
                 self.rec.samples.push(s);
             }
@@ -717,6 +813,8 @@ impl Sim<'_> {
             self.rec.count("node_deaths", 1);
             let n = &mut self.nodes[victim as usize];
             n.alive = false;
+            self.reindex(victim);
+            let n = &mut self.nodes[victim as usize];
             for (_, (lane, _)) in std::mem::take(&mut n.pulls) {
                 self.lanes[lane as usize].waiting -= 1;
             }
@@ -803,7 +901,7 @@ impl Sim<'_> {
             });
             set.insert(u32::try_from(ci).unwrap_or(u32::MAX));
         }
-        let changed = set != self.flag_set;
+        let changed: BTreeSet<u32> = set.symmetric_difference(&self.flag_set).copied().collect();
         let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
         self.flags = flags;
         self.flag_set = set;
@@ -829,18 +927,24 @@ impl Sim<'_> {
                 }
             }
         }
-        if changed || guard_ended {
+        if !changed.is_empty() || !guard_ended.is_empty() {
             self.rec.count("flag_changes", 1);
-            for n in 0..self.nodes.len() {
-                self.replan(u32::try_from(n).unwrap_or(u32::MAX), now);
-            }
+            let classes: BTreeSet<u32> = changed.union(&guard_ended).copied().collect();
+            self.replan_for(&classes, now);
         } else if open_more {
             // a backlog grew old enough for the next tier of empty nodes to open
             self.rec.count("tier_openings", 1);
-            for n in 0..self.nodes.len() {
-                if self.nodes[n].vms == 0 {
-                    self.replan(u32::try_from(n).unwrap_or(u32::MAX), now);
-                }
+            // tier 0 does not wait for backlogs, and tiers not yet open plan nothing
+            let open = self.open_level(now);
+            let empty: Vec<u32> = self
+                .empty
+                .iter()
+                .copied()
+                .filter(|n| (1..=open).contains(&self.nodes[*n as usize].tier))
+                .collect();
+            self.rec.count("tier_replans", empty.len() as u64);
+            for n in empty {
+                self.replan(n, now);
             }
         }
     }
@@ -849,7 +953,7 @@ impl Sim<'_> {
     /// changes with time alone: the age at which the next tier of empty nodes opens (pack),
     /// or the guard's longest hold. The agent re-plans each second and sees these on its
     /// own; the model re-plans on events, so it must be told.
-    fn thresholds_crossed(&self, flags: &[BacklogFlag], now: Millis) -> (bool, bool) {
+    fn thresholds_crossed(&self, flags: &[BacklogFlag], now: Millis) -> (bool, BTreeSet<u32>) {
         let prev = self.last_sweep;
         let crossed = |since: Timestamp, at: Millis| {
             let t = since.0.saturating_add(at);
@@ -858,7 +962,7 @@ impl Sim<'_> {
         let max_hold = u64::try_from(self.cfg.pull.guard.max_hold.as_millis()).unwrap_or(u64::MAX);
         let tiered = self.cfg.pull.policy == Policy::Pack && self.cfg.pull.open_tiers > 1;
         let mut open_more = false;
-        let mut guard_ended = false;
+        let mut guard_ended = BTreeSet::new();
         for f in flags {
             let spill =
                 u64::try_from(self.cfg.map.spill_after(f.class.size).as_millis()).unwrap_or(0);
@@ -866,7 +970,11 @@ impl Sim<'_> {
                 open_more |= (1..u64::from(self.cfg.pull.open_tiers))
                     .any(|k| crossed(f.since, spill.saturating_mul(k)));
             }
-            guard_ended |= crossed(f.since, max_hold);
+            if crossed(f.since, max_hold)
+                && let Some(ci) = self.class_ix.get(&f.class)
+            {
+                guard_ended.insert(*ci);
+            }
         }
         (open_more, guard_ended)
     }
@@ -901,6 +1009,12 @@ pub fn run(
             alive: true,
             vms: 0,
             rng: ChaCha8Rng::seed_from_u64(seeder.random()),
+            tier: if cfg.pull.policy == Policy::Pack {
+                placement::policy::open_tier(&n.id, cfg.pull.open_tiers)
+            } else {
+                0
+            },
+            indexed: None,
         })
         .collect();
     let mut sim = Sim {
@@ -924,6 +1038,9 @@ pub fn run(
         in_use: 0,
         largest,
         last_sweep: 0,
+        by_free: BTreeSet::new(),
+        empty: BTreeSet::new(),
+        tally: FleetTally::default(),
     };
     // every node joins at time 0
     for n in 0..count {
