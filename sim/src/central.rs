@@ -50,32 +50,33 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Node `i`'s unallocated share changed from `before`.
-    fn retally(&mut self, i: usize, before: &Resources) {
-        let cap = self.ledgers[i].capacity();
-        self.tally.remove(cap, before);
-        self.tally.add(cap, &self.ledgers[i].unallocated());
+    fn key(i: usize, free: &Resources) -> (u64, u32, u32) {
+        (
+            free.memory_mib,
+            free.vcpus,
+            u32::try_from(i).unwrap_or(u32::MAX),
+        )
     }
 
-    fn key(&self, i: usize) -> (u64, u32, u32) {
-        let f = self.ledgers[i].unallocated();
-        (f.memory_mib, f.vcpus, u32::try_from(i).unwrap_or(u32::MAX))
+    /// Node `i`'s unallocated share changed from `before`: moves it in the tally and, for
+    /// best-fit-indexed, in the index.
+    fn changed(&mut self, i: usize, before: &Resources) {
+        let after = self.ledgers[i].unallocated();
+        let cap = self.ledgers[i].capacity();
+        self.tally.remove(cap, before);
+        self.tally.add(cap, &after);
+        if let Some(ix) = self.index.as_mut() {
+            ix.remove(&Self::key(i, before));
+            ix.insert(Self::key(i, &after));
+        }
     }
 
     fn reserve(&mut self, i: usize, rid: &RequestId, res: &Resources) -> bool {
-        let before = self.index.is_some().then(|| self.key(i));
-        let free = self.ledgers[i].unallocated();
+        let before = self.ledgers[i].unallocated();
         if self.ledgers[i].reserve(rid, res, None).is_err() {
             return false;
         }
-        self.retally(i, &free);
-        if let (Some(b), Some(_)) = (before, self.index.as_ref()) {
-            let after = self.key(i);
-            if let Some(ix) = self.index.as_mut() {
-                ix.remove(&b);
-                ix.insert(after);
-            }
-        }
+        self.changed(i, &before);
         if self.vms[i] == 0 {
             self.in_use += 1;
         }
@@ -84,19 +85,11 @@ impl Fleet {
     }
 
     fn release(&mut self, i: usize, rid: &RequestId) {
-        let before = self.index.is_some().then(|| self.key(i));
-        let free = self.ledgers[i].unallocated();
+        let before = self.ledgers[i].unallocated();
         if self.ledgers[i].release(rid).is_none() {
             return;
         }
-        self.retally(i, &free);
-        if let Some(b) = before {
-            let after = self.key(i);
-            if let Some(ix) = self.index.as_mut() {
-                ix.remove(&b);
-                ix.insert(after);
-            }
-        }
+        self.changed(i, &before);
         self.vms[i] -= 1;
         if self.vms[i] == 0 {
             self.in_use -= 1;
@@ -220,7 +213,11 @@ pub fn run(
         fleet.tally.add(l.capacity(), &l.unallocated());
     }
     if kind == PolicyKind::BestFitIndexed {
-        fleet.index = Some((0..count).map(|i| fleet.key(i)).collect());
+        fleet.index = Some(
+            (0..count)
+                .map(|i| Fleet::key(i, &fleet.ledgers[i].unallocated()))
+                .collect(),
+        );
     }
     let largest = fleet
         .ledgers

@@ -13,8 +13,11 @@
 //!
 //! The dispatcher's part (deadlines, spill, backlog flags, class demand) runs on a sweep
 //! every second, as in `dispatcher/src/timekeeper.rs`. Differences from production, for
-//! speed: a node re-plans on its own events and when the set of backlogged classes changes,
-//! not on a one-second tick; a flag's `smallest` looks at the 64 oldest waiting requests.
+//! speed: a node re-plans on its own events, not on a one-second tick; when the set of
+//! backlogged classes changes, a backlog ages past a tier's opening or the guard's longest
+//! hold, only the nodes whose plan that can change re-plan (those with room for the class's
+//! smallest request, or the newly opened tier's empty nodes); a flag's `smallest` looks at
+//! the 64 oldest waiting requests.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -435,15 +438,18 @@ impl Sim<'_> {
         }
     }
 
+    /// How long a request of size class `size` waits before its hint spills, ms.
+    fn spill_ms(&self, size: u8) -> Millis {
+        u64::try_from(self.cfg.map.spill_after(size).as_millis()).unwrap_or(Millis::MAX)
+    }
+
     /// The highest tier of empty nodes some backlog has opened (a tier-k node pulls a class
     /// backed up for k spill deadlines).
     fn open_level(&self, now: Millis) -> u8 {
         self.flags
             .iter()
             .map(|f| {
-                let spill = u64::try_from(self.cfg.map.spill_after(f.class.size).as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
+                let spill = self.spill_ms(f.class.size).max(1);
                 let k = now.saturating_sub(f.since.0) / spill;
                 u8::try_from(k.min(u64::from(u8::MAX))).unwrap_or(u8::MAX)
             })
@@ -748,7 +754,7 @@ impl Sim<'_> {
             },
         );
         self.publish(a.seq, Self::lane_of(si, Lane::Fit), now);
-        let spill = u64::try_from(self.cfg.map.spill_after(size).as_millis()).unwrap_or(u64::MAX);
+        let spill = self.spill_ms(size);
         self.q
             .push(now.saturating_add(spill), Ev::Spill { req: a.seq });
         self.q.push(
@@ -874,8 +880,7 @@ impl Sim<'_> {
                 continue;
             };
             let class = &self.classes[ci];
-            let spill =
-                u64::try_from(self.cfg.map.spill_after(class.size).as_millis()).unwrap_or(u64::MAX);
+            let spill = self.spill_ms(class.size);
             if now.saturating_sub(oldest) < spill {
                 continue;
             }
@@ -964,8 +969,7 @@ impl Sim<'_> {
         let mut open_more = false;
         let mut guard_ended = BTreeSet::new();
         for f in flags {
-            let spill =
-                u64::try_from(self.cfg.map.spill_after(f.class.size).as_millis()).unwrap_or(0);
+            let spill = self.spill_ms(f.class.size);
             if tiered {
                 open_more |= (1..u64::from(self.cfg.pull.open_tiers))
                     .any(|k| crossed(f.since, spill.saturating_mul(k)));
