@@ -171,14 +171,21 @@ async fn chaos(fault: Fault) {
     // its own network namespace and reaches NATS through a relay on its link
     let agents: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
     let mut nets = Vec::new();
-    let nats_addr: std::net::SocketAddr = h.url.trim_start_matches("nats://").parse().unwrap();
+    // the cluster harness's url lists every server; a cut agent's relay points at the first
+    let nats_addr = (fault == Fault::CutAgent).then(|| {
+        let first = h.url.split(',').next().unwrap_or_default();
+        first
+            .trim_start_matches("nats://")
+            .parse::<std::net::SocketAddr>()
+            .unwrap_or_else(|e| panic!("nats url {first}: {e}"))
+    });
     for (i, a) in agents.iter().enumerate() {
         let extra = [
             "--set=driver.memory.build_time=300ms".to_string(),
             "--set=driver.memory.build_jitter=400ms".to_string(),
         ];
         let totals = Resources::new(512, 2048 * 1024, 100_000);
-        if fault == Fault::CutAgent {
+        if let Some(nats_addr) = nats_addr {
             let ns = Netns::create(u8::try_from(i).unwrap()).unwrap();
             let relay = Forwarder::start(ns.host_addr, nats_addr).await.unwrap();
             let url = format!("nats://{}", relay.addr);
