@@ -154,7 +154,13 @@ impl Agent {
         let me = self.clone();
         self.tasks.spawn(async move {
             me.reconfirm_all(epoch).await;
-            me.lock().mode.fenced = None;
+            let mut inner = me.lock();
+            // a later fence (a new epoch) re-confirms on its own and lifts itself
+            if inner.epoch != epoch {
+                return;
+            }
+            inner.mode.fenced = None;
+            drop(inner);
             tracing::info!(epoch = %epoch, "fence lifted");
             me.replan.notify_one();
         });
@@ -232,12 +238,24 @@ impl Agent {
             }
             return;
         }
-        if matches!(owned.phase, Phase::Claimed | Phase::Building) {
-            return; // the build finds out itself and destroys what it made
+        // judge by what this node holds now, not by the snapshot: the same request may have
+        // been claimed here again since (a newer claim, a build in flight) and is not ours to
+        // destroy
+        let same = |a: &Self| {
+            a.lock()
+                .owned
+                .get(&id)
+                .filter(|o| o.claim.same_owner(&owned.claim))
+                .map(|o| o.phase)
+        };
+        match same(self) {
+            Some(Phase::Active | Phase::Deleting) => {}
+            // gone, re-claimed, or a build that finds out itself and destroys what it made
+            _ => return,
         }
         metrics::counter!(m::FENCE_DESTROYS).increment(1);
         tracing::warn!(request.id = %id, "claim lost while fenced; destroying our copy");
-        if self.destroy_confirmed(&id, AfterCleanup::Release).await {
+        if self.destroy_confirmed(&id, AfterCleanup::Release).await && same(self).is_some() {
             let mut inner = self.lock();
             inner.owned.remove(&id);
             inner.ledger.release(&id);

@@ -90,6 +90,16 @@ impl Agent {
     pub async fn reconcile(&self) -> Report {
         let mut report = Report::default();
         self.retry_cleanups().await;
+        // only VMs that were already built when the listing began can have vanished from it:
+        // a build that finishes while this pass waits on the network is not in the list, yet
+        // its domain lives (freeing its capacity would let the ledger overcommit the host)
+        let settled: BTreeMap<RequestId, placement::lifecycle::Claim> = self
+            .lock()
+            .owned
+            .iter()
+            .filter(|(_, o)| matches!(o.phase, Phase::Active | Phase::Deleting))
+            .map(|(id, o)| (id.clone(), o.claim.clone()))
+            .collect();
         let domains = match self.driver.list().await {
             Ok(d) => {
                 let mut inner = self.lock();
@@ -150,7 +160,9 @@ impl Agent {
             .owned
             .iter()
             .filter(|(id, o)| {
-                matches!(o.phase, Phase::Active | Phase::Deleting) && !ours.contains_key(*id)
+                matches!(o.phase, Phase::Active | Phase::Deleting)
+                    && !ours.contains_key(*id)
+                    && settled.get(*id).is_some_and(|c| c.same_owner(&o.claim))
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
