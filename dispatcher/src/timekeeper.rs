@@ -113,7 +113,9 @@ impl Dispatcher {
             return "retry";
         }
         let attempt = r.attempt;
-        self.raise_flag(r.shard.class(), r.queued_at, now).await;
+        let after = self.spill_after(r.shard.class().size);
+        self.raise_flag(r.shard.class(), r.queued_at.plus(after), now)
+            .await;
         self.schedule_deadline(r).await;
         match self
             .bus
@@ -160,12 +162,26 @@ impl Dispatcher {
         }
     }
 
+    /// The class's spill deadline from the shard map.
+    fn spill_after(&self, size: u8) -> std::time::Duration {
+        self.cluster
+            .read()
+            .expect("cluster lock")
+            .shard_map
+            .spill_after(size)
+    }
+
+    /// Raises (or refreshes) `class`'s backlog flag. `since` is when the class became backed
+    /// up (its oldest waiting request's spill deadline); a flag still raised keeps its first
+    /// `since`, so the pack tiers and the starvation guard count from one instant.
     async fn raise_flag(&self, class: ClassKey, since: Timestamp, now: Timestamp) {
-        let due = {
+        let (due, kept) = {
             let flags = self.flags.lock().expect("flags lock");
-            flags
-                .get(&class)
-                .is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH)
+            let f = flags.get(&class);
+            (
+                f.is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH),
+                f.map(|f| f.since),
+            )
         };
         if !due {
             return;
@@ -179,7 +195,7 @@ impl Dispatcher {
         let flag = BacklogFlag {
             v: WIRE_VERSION,
             class: class.clone(),
-            since: oldest.min(since),
+            since: kept.unwrap_or(since),
             oldest_age_ms: now.since(oldest).as_millis().try_into().unwrap_or(u64::MAX),
             depth,
             smallest,
@@ -317,14 +333,9 @@ impl Dispatcher {
         let queued = self.view().queued_by_class();
         let mut backed_up = Vec::new();
         for (class, q) in &queued {
-            let after = self
-                .cluster
-                .read()
-                .expect("cluster lock")
-                .shard_map
-                .spill_after(class.size);
+            let after = self.spill_after(class.size);
             if now.since(q.oldest) >= after {
-                backed_up.push((class.clone(), q.oldest));
+                backed_up.push((class.clone(), q.oldest.plus(after)));
             }
         }
         for (class, oldest) in &backed_up {

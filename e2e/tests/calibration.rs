@@ -37,7 +37,14 @@ const BUILD_MS: u64 = 200;
 /// `per_s` arrivals each second for `secs` seconds, of four shapes (weights 3:3:2:1), living
 /// uniformly between `life.0` and `life.1` seconds.
 fn workload(seed: u64, secs: u64, per_s: u64, life: (u64, u64)) -> Vec<Row> {
-    let shapes = [(1, 2048), (1, 2048), (1, 2048), (2, 4096), (2, 4096), (2, 4096)];
+    let shapes = [
+        (1, 2048),
+        (1, 2048),
+        (1, 2048),
+        (2, 4096),
+        (2, 4096),
+        (2, 4096),
+    ];
     let shapes: Vec<(u32, u64)> = shapes
         .into_iter()
         .chain([(4, 8192), (4, 8192), (8, 16384)])
@@ -83,10 +90,8 @@ fn simulate(rows: &[Row], nodes: usize, shape: &Resources, opts: &HarnessOptions
         reserved_mib: 0,
     };
     // the shard map the dispatcher publishes and the pull settings the agents run
-    let map = dispatcher_config("nats://unused", opts)
-        .cluster()
-        .unwrap()
-        .shard_map;
+    let dispatcher = dispatcher_config("nats://unused", opts);
+    let map = dispatcher.cluster().unwrap().shard_map;
     let agent = agent_pull();
     let mut cfg = UpdraftConfig::new(map, agent.pull, 7);
     cfg.build_time = BUILD_MS;
@@ -95,6 +100,7 @@ fn simulate(rows: &[Row], nodes: usize, shape: &Resources, opts: &HarnessOptions
     cfg.ack_wait = 5000;
     cfg.lease_ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap();
     cfg.sample_every = 1000;
+    cfg.sweep_every = u64::try_from(dispatcher.sweep_interval.as_millis()).unwrap();
     let wl = WorkloadSpec::Trace { path, limit: None }.open().unwrap();
     let r = sim::updraft::run(cluster.nodes().unwrap(), wl, &cfg).unwrap();
     Outcome {
@@ -124,7 +130,8 @@ async fn replay(rows: &[Row], nodes: usize, shape: &Resources, opts: HarnessOpti
     let pull = agent_pull();
     for i in 0..nodes {
         let pull = pull.pull.clone();
-        h.add_agent_with(&format!("k{i:02}"), shape.clone(), |c| {
+        // the simulator's node ids: a node's pack tier is a hash of its id
+        h.add_agent_with(&format!("n{i:06}"), shape.clone(), |c| {
             c.pull = pull;
             c.driver.memory.build_time = Duration::from_millis(BUILD_MS);
         })
@@ -182,11 +189,9 @@ async fn replay(rows: &[Row], nodes: usize, shape: &Resources, opts: HarnessOpti
     }
     let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
     let recs = h
-        .wait_for(
-            &ids,
-            Duration::from_secs(longest + deadline_s + 60),
-            |r| matches!(r.state, State::Deleted | State::Failed),
-        )
+        .wait_for(&ids, Duration::from_secs(longest + deadline_s + 60), |r| {
+            matches!(r.state, State::Deleted | State::Failed)
+        })
         .await
         .unwrap();
     deleter.abort();

@@ -118,6 +118,10 @@ struct Common {
     /// updraft: seconds from claim to running.
     #[arg(long, default_value_t = 20)]
     build_s: u64,
+    /// updraft: milliseconds between the dispatcher's sweeps (the dispatcher's
+    /// `sweep_interval`).
+    #[arg(long, default_value_t = 1000)]
+    sweep_ms: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]
     build_failure_rate: f64,
@@ -219,6 +223,7 @@ impl Common {
         }
         let mut cfg = UpdraftConfig::new(map, pull, self.seed);
         cfg.build_time = self.build_s * 1000;
+        cfg.sweep_every = self.sweep_ms.max(1);
         cfg.deadline = self.deadline_s * 1000;
         cfg.build_failure_rate = self.build_failure_rate;
         cfg.node_death_rate = self.node_death_rate;

@@ -86,6 +86,8 @@ pub struct UpdraftConfig {
     pub repair_time: Millis,
     /// A dead node's claims are reaped after this.
     pub lease_ttl: Millis,
+    /// Time between the dispatcher's sweeps (backlog flags, deadlines), ms.
+    pub sweep_every: Millis,
     /// Time between samples.
     pub sample_every: Millis,
     /// Seed.
@@ -121,6 +123,7 @@ impl UpdraftConfig {
             node_death_rate: 0.0,
             repair_time: 600_000,
             lease_ttl: 15_000,
+            sweep_every: 1000,
             sample_every: 300_000,
             seed,
         }
@@ -871,7 +874,7 @@ impl Sim<'_> {
         self.q.push(now + dt.max(1), Ev::Death);
     }
 
-    /// The dispatcher's sweep: backlog flags each second, class demand every ten.
+    /// The dispatcher's sweep: backlog flags each sweep, class demand every ten seconds.
     fn sweep(&mut self, now: Millis) {
         let mut flags = Vec::new();
         let mut set = BTreeSet::new();
@@ -910,8 +913,8 @@ impl Sim<'_> {
         let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
         self.flags = flags;
         self.flag_set = set;
-        self.last_sweep = now;
-        if now.is_multiple_of(10_000) {
+        let prev = std::mem::replace(&mut self.last_sweep, now);
+        if now / 10_000 != prev / 10_000 || now == 0 {
             // requests per minute over the last 10 s, decayed
             for (ci, n) in self.arrivals_window.iter_mut().enumerate() {
                 let c = &self.classes[ci];
@@ -1079,7 +1082,7 @@ pub fn run(
             {
                 sim.handle(now, Ev::Sweep, &mut workload, &mut next)?;
             }
-            next_sweep += 1000;
+            next_sweep += cfg.sweep_every.max(1);
             if t_ev == Millis::MAX {
                 // nothing scheduled: only running VMs would be left, but those have departures
                 break;
