@@ -148,7 +148,7 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
     // counted by the agent (every hint reached it: they sit on the lane it pulls) and the
     // dispatcher
     let t0 = tokio::time::Instant::now();
-    let (agent_text, disp_text) = loop {
+    let (_, disp_text) = loop {
         let a = http
             .get(format!("http://127.0.0.1:{agent_metrics}/metrics"))
             .send()
@@ -171,7 +171,9 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
             && counter(&a, name, "kind=\"too_large\"") >= 1.0
             && counter(&a, name, "kind=\"subject_mismatch\"") >= 1.0
             && counter(&d, "updraft_dispatcher_hostile_total", "kind=\"record\"") >= 2.0
-            && counter(&d, "updraft_dispatcher_hostile_total", "kind=\"advert\"") >= 1.0;
+            && counter(&d, "updraft_dispatcher_hostile_total", "kind=\"advert\"") >= 1.0
+            // the replayed and unknown hints come last on the lane: dropped as stale
+            && counter(&a, "updraft_agent_deliveries_total", "outcome=\"stale\"") >= 2.0;
         if seen {
             break (a, d);
         }
@@ -179,7 +181,7 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
             t0.elapsed() < Duration::from_secs(30),
             "not every hostile message was counted:\nagent:\n{}\ndispatcher:\n{}",
             a.lines()
-                .filter(|l| l.contains("hostile"))
+                .filter(|l| l.contains("hostile") || l.contains("deliveries"))
                 .collect::<Vec<_>>()
                 .join("\n"),
             d.lines()
@@ -189,15 +191,7 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    // the replayed and unknown hints were dropped as stale, never built
-    assert!(
-        counter(
-            &agent_text,
-            "updraft_agent_deliveries_total",
-            "outcome=\"stale\""
-        ) >= 2.0,
-        "{agent_text}"
-    );
+    // (the replayed and unknown hints were dropped as stale, never built: below)
     assert!(disp_text.contains("updraft_dispatcher_hostile_total"));
     // nothing was acted on: no garbage request listed, no ghost node
     let list: serde_json::Value = http
