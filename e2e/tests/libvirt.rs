@@ -173,6 +173,19 @@ fn guest_dir() -> PathBuf {
         "no test guest in {}: run scripts/setup.sh (it builds one from Debian packages)",
         dir.display()
     );
+    // libvirt runs QEMU as its own user, which must reach the kernel and initramfs: a clone
+    // under a private directory (mktemp -d makes 0700 ones) cannot boot the guest
+    let dir = dir.canonicalize().unwrap();
+    for a in dir.ancestors() {
+        let mode = std::fs::metadata(a).unwrap().permissions().mode();
+        assert!(
+            mode & 0o001 != 0,
+            "libvirt's QEMU user cannot reach the test guest in {}: {} is not world-traversable \
+             (chmod o+x it, or set UPDRAFT_GUEST_DIR to a guest elsewhere)",
+            dir.display(),
+            a.display()
+        );
+    }
     dir
 }
 
