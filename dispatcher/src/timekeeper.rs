@@ -338,8 +338,8 @@ impl Dispatcher {
                 backed_up.push((class.clone(), q.oldest.plus(after)));
             }
         }
-        for (class, oldest) in &backed_up {
-            self.raise_flag(class.clone(), *oldest, now).await;
+        for (class, since) in &backed_up {
+            self.raise_flag(class.clone(), *since, now).await;
         }
         let stale: Vec<ClassKey> = self
             .flags

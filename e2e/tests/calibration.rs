@@ -101,7 +101,7 @@ fn simulate(
     // the shard map the dispatcher publishes and the pull settings the agents run
     let dispatcher = dispatcher_config("nats://unused", opts);
     let map = dispatcher.cluster().unwrap().shard_map;
-    let agent = agent_pull();
+    let agent = agent_settings();
     let mut cfg = UpdraftConfig::new(map, agent.pull, seed);
     cfg.build_time = BUILD_MS;
     cfg.deadline = opts.deadline_s * 1000;
@@ -120,7 +120,7 @@ fn simulate(
 
 /// The agents' config as the test runs them: the harness's, with the pack policy's open
 /// tiers at their default (the harness opens every node at once for its other tests).
-fn agent_pull() -> node_agent::config::Config {
+fn agent_settings() -> node_agent::config::Config {
     let mut c = agent_config(
         "nats://unused",
         "n",
@@ -136,9 +136,9 @@ fn agent_pull() -> node_agent::config::Config {
 async fn replay(rows: &[Row], nodes: usize, shape: &Resources, opts: HarnessOptions) -> Outcome {
     let deadline_s = opts.deadline_s;
     let mut h = Harness::start(opts).await.unwrap();
-    let pull = agent_pull();
+    let agent = agent_settings();
     for i in 0..nodes {
-        let pull = pull.pull.clone();
+        let pull = agent.pull.clone();
         // the simulator's node ids: a node's pack tier is a hash of its id
         h.add_agent_with(&format!("n{i:06}"), shape.clone(), |c| {
             c.pull = pull;
