@@ -173,13 +173,14 @@ fn join<T: std::fmt::Display>(v: &[T]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ids::{Epoch, RequestId, TraitName, Zone};
     use crate::resources::{AllocationRatios, Resources};
     use crate::time::Timestamp;
 
-    fn advert(id: &str, cap_gib: u64, free_gib: u64, state: NodeState) -> NodeAdvert {
+    /// A test advert: `cap_gib` of memory, `free_gib` unallocated, in zone az1, no traits.
+    pub(crate) fn advert(id: &str, cap_gib: u64, free_gib: u64, state: NodeState) -> NodeAdvert {
         NodeAdvert {
             v: 1,
             node: NodeId::new(id).unwrap(),

@@ -35,6 +35,7 @@ pub mod request;
 pub mod resources;
 pub mod shard;
 pub mod subjects;
+pub mod takers;
 pub mod time;
 pub mod trace;
 pub mod wire;

@@ -5,12 +5,13 @@
 //! after taking the class's largest request asks with priority 0 and gets the message before
 //! emptier nodes; `spread` inverts that; `random` draws a bucket. No sleeps, no global view.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NodeId, stable_hash};
+use crate::ids::{NodeId, StableHasher, stable_hash};
 use crate::resources::Resources;
 use crate::shard::ClassKey;
 use crate::time::Timestamp;
@@ -224,11 +225,16 @@ pub fn hold_back(
 /// A node's draw in the starvation guard's election for `class`, uniform in [0, 1): stable, so
 /// the same nodes answer for a class every time and the share is exact over many nodes.
 pub fn election_draw(node: &NodeId, class: &ClassKey) -> f64 {
-    let h = stable_hash(&[
-        b"guard",
-        node.as_str().as_bytes(),
-        class.to_string().as_bytes(),
-    ]);
+    // stable_hash(["guard", node, class as text]) without building the text (it runs for
+    // every flag on every re-plan)
+    let mut h = StableHasher::default();
+    h.bytes(b"guard");
+    h.end_part();
+    h.bytes(node.as_str().as_bytes());
+    h.end_part();
+    let _ = write!(h, "{class}"); // writing to a hasher cannot fail
+    h.end_part();
+    let h = h.finish();
     #[allow(clippy::cast_precision_loss)] // a fraction for an election
     let draw = h as f64 / u64::MAX as f64;
     draw
@@ -301,7 +307,21 @@ mod tests {
             depth: 3,
             smallest: Resources::default(),
             updated_at: Timestamp(since),
+            takers: 1.0,
         }
+    }
+
+    #[test]
+    fn the_election_draw_hashes_the_class_as_text() {
+        let f = flag(12, 0);
+        let h = stable_hash(&[
+            b"guard",
+            node().as_str().as_bytes(),
+            f.class.to_string().as_bytes(),
+        ]);
+        #[allow(clippy::cast_precision_loss)]
+        let want = h as f64 / u64::MAX as f64;
+        assert_eq!(election_draw(&node(), &f.class), want);
     }
 
     #[test]

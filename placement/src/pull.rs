@@ -5,9 +5,9 @@
 //! bound, so whatever arrives fits by construction. A near-fit pull (lane `spill`) holds the
 //! class's lower bound and the node checks each request, handing back what does not fit.
 //!
-//! Credit is scarce, so the order matters. Backlogged classes come first: the node pulls their
-//! fit lane if it can fully fit them, else their spill lane if it near-fits them (only
-//! backed-up classes have spilled hints). Then the default keeps the largest class the node can
+//! Credit is scarce, so the order matters. Backlogged classes come first on the nodes their
+//! flag elects (`crate::takers`): the node pulls their fit lane if it can fully fit them,
+//! else their spill lane if it near-fits them (only backed-up classes have spilled hints). Then the default keeps the largest class the node can
 //! fully fit (so large requests always have takers) and fills the rest from the smallest class
 //! up (so the many small requests find the fuller nodes that pack them best). A node the
 //! starvation guard elected keeps the headroom of the backlogged class free.
@@ -26,6 +26,7 @@ use crate::policy::{
 };
 use crate::resources::Resources;
 use crate::shard::{Lane, ShardId, ShardMap};
+use crate::takers::acts_on;
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
@@ -241,6 +242,11 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     // 1. backlogged classes: full-fit takers pull the fit lane, near-fit takers the spill lane
     //    (only backed-up classes have spilled hints, so only they are worth a near-fit pull)
     for b in &backlogged {
+        // only the flag's takers act on it (crate::takers), and the empty nodes of a later
+        // tier once it opens (the tiers elect those); the rest keep their usual order
+        if !(tier > 0 || acts_on(&node.id, b.flag, &cfg.guard)) {
+            continue;
+        }
         let (tclass, size) = (b.flag.class.tclass.clone(), b.flag.class.size);
         let waited = now.since(b.flag.since);
         if tier > 0 && waited < map.spill_after(size) * u32::from(tier) {
@@ -563,6 +569,7 @@ mod tests {
             depth: 10,
             smallest: Resources::default(),
             updated_at: Timestamp(0),
+            takers: 1.0,
         }
     }
 
@@ -591,6 +598,20 @@ mod tests {
         };
         let p = plan(&node, &map, &ledger, &[], &[flag(5)], &no_near);
         assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
+        // a node the flag does not elect plans as if there were no flag
+        let draw = crate::policy::election_draw(&node.id, &flag(5).class);
+        let elsewhere = BacklogFlag {
+            takers: draw / 2.0,
+            ..flag(5)
+        };
+        let none = plan(&node, &map, &ledger, &[], &[], &cfg());
+        assert_eq!(plan(&node, &map, &ledger, &[], &[elsewhere], &cfg()), none);
+        let here = BacklogFlag {
+            takers: (draw + 1.0) / 2.0,
+            ..flag(5)
+        };
+        let p = plan(&node, &map, &ledger, &[], &[here], &cfg());
+        assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Spill));
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub struct AdminState {
 
 /// One flag per class saying its queue backs up, written by dispatchers, read by nodes (the
 /// starvation guard and overflow takers), so no node polls consumer info.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BacklogFlag {
     /// Version.
     pub v: u32,
@@ -259,6 +259,14 @@ pub struct BacklogFlag {
     pub smallest: Resources,
     /// Last measurement.
     pub updated_at: Timestamp,
+    /// Share of the class's eligible nodes that act on the flag, in (0, 1] (see
+    /// [`crate::takers`]); a flag without it (an older dispatcher) is acted on by all.
+    #[serde(default = "all_takers")]
+    pub takers: f64,
+}
+
+fn all_takers() -> f64 {
+    1.0
 }
 
 /// How often each class of a zone is requested, written by dispatchers every few seconds so

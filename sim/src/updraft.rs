@@ -25,7 +25,7 @@ use placement::ledger::{NodeLedger, PullId};
 use placement::policy::Policy;
 use placement::pull::{NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls};
 use placement::shard::{ClassKey, Routable};
-use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
+use placement::wire::{BacklogFlag, DemandEntry};
 use placement::{Lane, RequestId, Resources, ShardId, ShardMap, Timestamp, Zone};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -35,6 +35,8 @@ use crate::cluster::NodeSpec;
 use crate::events::EventQueue;
 use crate::stats::{FleetTally, Recorder, Report, Sample};
 use crate::workload::{Arrival, Workload, WorkloadError};
+
+mod backlog;
 
 /// A latency: a fixed part plus an exponential tail with the given mean (ms).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -263,6 +265,9 @@ struct Sim<'a> {
     empty: BTreeSet<u32>,
     /// Utilization sums over live nodes, for samples.
     tally: FleetTally,
+    /// Per class, every node by its election draw for the class (`placement::takers`),
+    /// computed when the class is first flagged.
+    draws: Vec<Option<Vec<(f64, u32)>>>,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -400,64 +405,6 @@ impl Sim<'_> {
         } else {
             self.empty.remove(&n);
         }
-    }
-
-    /// Re-plans the nodes whose plan a change of `class`'s backlog can change: those with at
-    /// least the memory of the class's smallest request, or the guard's least progress.
-    fn replan_for(&mut self, classes: &BTreeSet<u32>, now: Millis) {
-        let Some(least) = classes
-            .iter()
-            .map(|ci| {
-                let c = &self.classes[*ci as usize];
-                let lower = self.cfg.map.lower_bound(c.size).memory_mib;
-                let guard = self
-                    .cfg
-                    .map
-                    .upper_bound(&c.tclass, c.size)
-                    .fraction(self.cfg.pull.guard.min_progress)
-                    .memory_mib;
-                lower.min(guard)
-            })
-            .min()
-        else {
-            return;
-        };
-        // an empty node of a tier no backlog has opened yet plans nothing: unless it holds
-        // pulls from an earlier opening, its plan cannot change (most of a large cluster while
-        // it ramps up)
-        let open = self.open_level(now);
-        let nodes: Vec<u32> = self
-            .by_free
-            .range((least, 0)..)
-            .map(|e| e.1)
-            .filter(|n| {
-                let node = &self.nodes[*n as usize];
-                !(node.tier > open && node.pulls.is_empty() && self.empty.contains(n))
-            })
-            .collect();
-        self.rec.count("backlog_replans", nodes.len() as u64);
-        for n in nodes {
-            self.replan(n, now);
-        }
-    }
-
-    /// How long a request of size class `size` waits before its hint spills, ms.
-    fn spill_ms(&self, size: u8) -> Millis {
-        u64::try_from(self.cfg.map.spill_after(size).as_millis()).unwrap_or(Millis::MAX)
-    }
-
-    /// The highest tier of empty nodes some backlog has opened (a tier-k node pulls a class
-    /// backed up for k spill deadlines).
-    fn open_level(&self, now: Millis) -> u8 {
-        self.flags
-            .iter()
-            .map(|f| {
-                let spill = self.spill_ms(f.class.size).max(1);
-                let k = now.saturating_sub(f.since.0) / spill;
-                u8::try_from(k.min(u64::from(u8::MAX))).unwrap_or(u8::MAX)
-            })
-            .max()
-            .unwrap_or(0)
     }
 
     /// Hands waiting messages of `lane` to its best waiting pulls.
@@ -874,117 +821,6 @@ impl Sim<'_> {
         self.q.push(now + dt.max(1), Ev::Death);
     }
 
-    /// The dispatcher's sweep: backlog flags each sweep, class demand every ten seconds.
-    fn sweep(&mut self, now: Millis) {
-        let mut flags = Vec::new();
-        let mut set = BTreeSet::new();
-        for (ci, w) in self.waiting.iter().enumerate() {
-            let Some(&(oldest, _)) = w.first() else {
-                continue;
-            };
-            let class = &self.classes[ci];
-            let spill = self.spill_ms(class.size);
-            if now.saturating_sub(oldest) < spill {
-                continue;
-            }
-            let mut smallest: Option<Resources> = None;
-            for (_, seq) in w.iter().take(64) {
-                if let Some(r) = self.reqs.get(seq) {
-                    smallest = Some(smallest.map_or_else(|| r.res.clone(), |s| s.min(&r.res)));
-                }
-            }
-            let since = self
-                .flags
-                .iter()
-                .find(|f| &f.class == class)
-                .map_or(Timestamp(oldest + spill), |f| f.since);
-            flags.push(BacklogFlag {
-                v: WIRE_VERSION,
-                class: class.clone(),
-                since,
-                oldest_age_ms: now - oldest,
-                depth: w.len() as u64,
-                smallest: smallest.unwrap_or_default(),
-                updated_at: Timestamp(now),
-            });
-            set.insert(u32::try_from(ci).unwrap_or(u32::MAX));
-        }
-        let changed: BTreeSet<u32> = set.symmetric_difference(&self.flag_set).copied().collect();
-        let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
-        self.flags = flags;
-        self.flag_set = set;
-        let prev = std::mem::replace(&mut self.last_sweep, now);
-        if now / 10_000 != prev / 10_000 || now == 0 {
-            // requests per minute over the last 10 s, decayed
-            for (ci, n) in self.arrivals_window.iter_mut().enumerate() {
-                let c = &self.classes[ci];
-                #[allow(clippy::cast_precision_loss)]
-                let rate = *n as f64 * 6.0;
-                *n = 0;
-                match self
-                    .demand
-                    .iter_mut()
-                    .find(|d| d.tclass == c.tclass && d.size == c.size)
-                {
-                    Some(d) => d.per_min = 0.7 * d.per_min + 0.3 * rate,
-                    None => self.demand.push(DemandEntry {
-                        tclass: c.tclass.clone(),
-                        size: c.size,
-                        per_min: rate,
-                    }),
-                }
-            }
-        }
-        if !changed.is_empty() || !guard_ended.is_empty() {
-            self.rec.count("flag_changes", 1);
-            let classes: BTreeSet<u32> = changed.union(&guard_ended).copied().collect();
-            self.replan_for(&classes, now);
-        } else if open_more {
-            // a backlog grew old enough for the next tier of empty nodes to open
-            self.rec.count("tier_openings", 1);
-            // tier 0 does not wait for backlogs, and tiers not yet open plan nothing
-            let open = self.open_level(now);
-            let empty: Vec<u32> = self
-                .empty
-                .iter()
-                .copied()
-                .filter(|n| (1..=open).contains(&self.nodes[*n as usize].tier))
-                .collect();
-            self.rec.count("tier_replans", empty.len() as u64);
-            for n in empty {
-                self.replan(n, now);
-            }
-        }
-    }
-
-    /// Whether, since the last sweep, a backlog passed a point where the planner's answer
-    /// changes with time alone: the age at which the next tier of empty nodes opens (pack),
-    /// or the guard's longest hold. The agent re-plans each second and sees these on its
-    /// own; the model re-plans on events, so it must be told.
-    fn thresholds_crossed(&self, flags: &[BacklogFlag], now: Millis) -> (bool, BTreeSet<u32>) {
-        let prev = self.last_sweep;
-        let crossed = |since: Timestamp, at: Millis| {
-            let t = since.0.saturating_add(at);
-            prev < t && t <= now
-        };
-        let max_hold = u64::try_from(self.cfg.pull.guard.max_hold.as_millis()).unwrap_or(u64::MAX);
-        let tiered = self.cfg.pull.policy == Policy::Pack && self.cfg.pull.open_tiers > 1;
-        let mut open_more = false;
-        let mut guard_ended = BTreeSet::new();
-        for f in flags {
-            let spill = self.spill_ms(f.class.size);
-            if tiered {
-                open_more |= (1..u64::from(self.cfg.pull.open_tiers))
-                    .any(|k| crossed(f.since, spill.saturating_mul(k)));
-            }
-            if crossed(f.since, max_hold)
-                && let Some(ci) = self.class_ix.get(&f.class)
-            {
-                guard_ended.insert(*ci);
-            }
-        }
-        (open_more, guard_ended)
-    }
 }
 
 /// Runs updraft over `workload` on `nodes`.
@@ -1048,6 +884,7 @@ pub fn run(
         by_free: BTreeSet::new(),
         empty: BTreeSet::new(),
         tally: FleetTally::default(),
+        draws: Vec::new(),
     };
     // every node joins at time 0
     for n in 0..count {
