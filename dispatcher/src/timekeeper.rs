@@ -12,6 +12,7 @@ use futures::StreamExt;
 use placement::explain::explain;
 use placement::lifecycle::{RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
+use placement::takers::{eligible_draws, settle_takers};
 use placement::wire::{
     BacklogFlag, ClassDemand, CommandKind, DemandEntry, NodeCommand, TimerKind, WIRE_VERSION,
 };
@@ -19,6 +20,7 @@ use placement::{Lane, RequestId, Timestamp};
 
 use crate::metrics as m;
 use crate::service::Dispatcher;
+use crate::view::ClassQueue;
 
 /// A flag is re-written this often while its class stays backed up.
 const FLAG_REFRESH: Duration = Duration::from_secs(10);
@@ -114,7 +116,7 @@ impl Dispatcher {
         }
         let attempt = r.attempt;
         let after = self.spill_after(r.shard.class().size);
-        self.raise_flag(r.shard.class(), r.queued_at.plus(after), now)
+        self.raise_flag(r.shard.class(), None, r.queued_at.plus(after), now)
             .await;
         self.schedule_deadline(r).await;
         match self
@@ -173,34 +175,62 @@ impl Dispatcher {
 
     /// Raises (or refreshes) `class`'s backlog flag. `since` is when the class became backed
     /// up (its oldest waiting request's spill deadline); a flag still raised keeps its first
-    /// `since`, so the pack tiers and the starvation guard count from one instant.
-    async fn raise_flag(&self, class: ClassKey, since: Timestamp, now: Timestamp) {
-        let (due, kept) = {
-            let flags = self.flags.lock().expect("flags lock");
-            let f = flags.get(&class);
-            (
-                f.is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH),
-                f.map(|f| f.since),
-            )
+    /// `since`, so the pack tiers and the starvation guard count from one instant. The flag's
+    /// takers (per partition with requests waiting) are settled against the nodes'
+    /// advertisements each sweep (`placement::takers`); a flag is written when first raised,
+    /// when its takers move, and every `FLAG_REFRESH`. `queue` is the class's queue when the
+    /// caller has measured it (the sweep); without it (a spill) only a new flag is raised.
+    async fn raise_flag(
+        &self,
+        class: ClassKey,
+        queue: Option<&ClassQueue>,
+        since: Timestamp,
+        now: Timestamp,
+    ) {
+        let prev = self.flags.lock().expect("flags lock").get(&class).cloned();
+        if prev.is_some() && queue.is_none() {
+            return; // raised already; the sweep keeps it current
+        }
+        let flag = {
+            let view = self.view();
+            let measured = match queue {
+                Some(q) => Some(q.clone()),
+                None => view.queued_by_class().get(&class).cloned(),
+            };
+            let measured = measured.unwrap_or_else(|| ClassQueue {
+                count: 1,
+                oldest: since,
+                smallest: placement::Resources::default(),
+                by_part: Default::default(),
+            });
+            let mut flag = BacklogFlag {
+                v: WIRE_VERSION,
+                class: class.clone(),
+                since: prev.as_ref().map_or(since, |f| f.since),
+                oldest_age_ms: now
+                    .since(measured.oldest)
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+                depth: measured.count,
+                smallest: measured.smallest,
+                updated_at: now,
+                takers: None,
+            };
+            // no partition known (no queue in the view): every node acts, as without takers
+            if !measured.by_part.is_empty() {
+                let cluster = self.cluster.read().expect("cluster lock");
+                let draws = eligible_draws(view.adverts().values(), &cluster.shard_map, &flag);
+                flag.takers = Some(settle_takers(draws, &measured.by_part, prev.as_ref()));
+            }
+            flag
         };
+        let due = prev
+            .as_ref()
+            .is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH || f.takers != flag.takers);
         if !due {
             return;
         }
-        let q = self.view().queued_by_class().get(&class).cloned();
-        let (depth, oldest, smallest) = q.map(|q| (q.count, q.oldest, q.smallest)).unwrap_or((
-            1,
-            since,
-            placement::Resources::default(),
-        ));
-        let flag = BacklogFlag {
-            v: WIRE_VERSION,
-            class: class.clone(),
-            since: kept.unwrap_or(since),
-            oldest_age_ms: now.since(oldest).as_millis().try_into().unwrap_or(u64::MAX),
-            depth,
-            smallest,
-            updated_at: now,
-        };
         if self.bus.cluster.put_flag(&flag).await.is_ok() {
             self.flags.lock().expect("flags lock").insert(class, flag);
         }
@@ -339,7 +369,8 @@ impl Dispatcher {
             }
         }
         for (class, since) in &backed_up {
-            self.raise_flag(class.clone(), *since, now).await;
+            self.raise_flag(class.clone(), queued.get(class), *since, now)
+                .await;
         }
         let stale: Vec<ClassKey> = self
             .flags

@@ -121,6 +121,8 @@ pub struct ClassQueue {
     pub oldest: Timestamp,
     /// Component-wise minimum of their sizes.
     pub smallest: placement::Resources,
+    /// How many wait in each partition of the class.
+    pub by_part: placement::takers::WaitingByPartition,
 }
 
 fn min_each(a: &placement::Resources, b: &placement::Resources) -> placement::Resources {
@@ -361,8 +363,10 @@ impl View {
                 count: 0,
                 oldest: r.queued_at,
                 smallest: r.spec.resources.clone(),
+                by_part: Default::default(),
             });
             e.count += 1;
+            *e.by_part.entry(r.shard.part).or_default() += 1;
             e.oldest = e.oldest.min(r.queued_at);
             e.smallest = min_each(&e.smallest, &r.spec.resources);
         }

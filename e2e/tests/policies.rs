@@ -248,3 +248,75 @@ async fn a_large_request_is_not_starved_by_a_stream_of_small_ones() {
     assert!(report.clean(), "{:#?}", report.violations);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
+    use placement::NodeId;
+    use placement::policy::election_draw;
+    use placement::shard::ClassKey;
+    use placement::takers::takers_wanted;
+
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    let map = h.dispatchers[0].dispatcher.cluster().shard_map;
+    // a request no node fully fits (its class bound is larger than a node) but every empty
+    // node holds: it waits for near-fit takers, and its class is flagged
+    let want = Resources::new(4, 24 * 1024, 20);
+    let size = map.size_class_of(&want).unwrap();
+    let bound = map.upper_bound(&placement::ShardMap::std_class(), size);
+    let node = Resources::new(16, (bound.memory_mib - 1024).max(want.memory_mib), 1000);
+    assert!(!bound.fits(&node) && want.fits(&node));
+    let class = ClassKey {
+        zone: map.default_zone.clone(),
+        tclass: placement::ShardMap::std_class(),
+        size,
+    };
+    let names: Vec<String> = (0..40).map(|i| format!("t{i:02}")).collect();
+    for n in &names {
+        h.add_agent(n, node.clone()).await.unwrap();
+    }
+    h.wait_nodes(names.len(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let wanted = usize::try_from(takers_wanted(1)).unwrap();
+    let mut used: Vec<String> = Vec::new();
+    for i in 0..4 {
+        let id = format!("near-{i}");
+        let (st, body) = h
+            .create(
+                0,
+                &json!({ "id": id, "resources": { "vcpus": 4, "memory_mib": want.memory_mib } }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 201, "{body}");
+        let recs = h
+            .wait_for(std::slice::from_ref(&id), Duration::from_secs(60), is_active)
+            .await
+            .unwrap();
+        let r = &recs[0];
+        let placed = r.node().unwrap().to_string();
+        // the takers: the `wanted` lowest election draws among the empty nodes that pull the
+        // request's partition (one request waits there)
+        let mut draws: Vec<(f64, &String)> = names
+            .iter()
+            .filter(|n| !used.contains(n))
+            .filter(|n| map.node_partition(n, size) == r.shard.part)
+            .map(|n| (election_draw(&NodeId::new(n.as_str()).unwrap(), &class), n))
+            .collect();
+        draws.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let takers: Vec<&String> = draws.iter().take(wanted).map(|d| d.1).collect();
+        assert!(
+            draws.len() > wanted,
+            "the test needs more eligible nodes than takers ({} of {wanted})",
+            draws.len()
+        );
+        assert!(
+            takers.contains(&&placed),
+            "{id} went to {placed}, not one of the flag's takers {takers:?}"
+        );
+        used.push(placed);
+    }
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{report:?}");
+    h.shutdown().await;
+}

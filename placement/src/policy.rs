@@ -167,11 +167,14 @@ pub struct Backlogged<'a> {
     pub flag: &'a BacklogFlag,
     /// The class's upper bound.
     pub bound: Resources,
+    /// The partition of the class this node pulls.
+    pub part: u16,
 }
 
 /// Decides whether this node holds back for a backlogged large class. Pure: the same inputs
-/// always give the same answer, and a node is elected by a stable hash of (node, class, since),
-/// so about `share` of eligible nodes hold back for each backlog, never all of them.
+/// always give the same answer, and a node is elected by a stable hash of (node, class), so
+/// about `share` of eligible nodes hold back for each backlog, never all of them, and only in
+/// the partitions where the flag says requests wait (`crate::takers`).
 pub fn hold_back(
     node: &NodeId,
     capacity: &Resources,
@@ -206,6 +209,13 @@ pub fn hold_back(
             continue;
         }
         if election_draw(node, &f.class) >= cfg.share {
+            continue;
+        }
+        // only where requests wait: the node can take only its own partition's
+        if f.takers
+            .as_ref()
+            .is_some_and(|t| !t.iter().any(|t| t.part == b.part))
+        {
             continue;
         }
         if best
@@ -307,7 +317,7 @@ mod tests {
             depth: 3,
             smallest: Resources::default(),
             updated_at: Timestamp(since),
-            takers: 1.0,
+            takers: None,
         }
     }
 
@@ -332,6 +342,7 @@ mod tests {
         let bl = [Backlogged {
             flag: &f,
             bound: Resources::new(32, 128 * 1024, 500),
+            part: 0,
         }];
         let cfg = GuardConfig::default();
         let mut held = 0;
@@ -351,6 +362,23 @@ mod tests {
             hold_back(&n, &cap, &unalloc, &bl, &cfg, late).is_some()
         });
         assert!(!any);
+        // nor a node of a partition where nothing waits
+        let elsewhere = BacklogFlag {
+            takers: Some(vec![crate::takers::PartitionTakers {
+                part: 1,
+                in_use: 1.0,
+                empty: 1.0,
+            }]),
+            ..f.clone()
+        };
+        let bl_elsewhere = [Backlogged {
+            flag: &elsewhere,
+            ..bl[0].clone()
+        }];
+        assert!((0..2000).all(|i| {
+            let n = NodeId::new(format!("n{i}")).unwrap();
+            hold_back(&n, &cap, &unalloc, &bl_elsewhere, &cfg, Timestamp(2000)).is_none()
+        }));
         // a node far from fitting does not hold back
         let tiny = Resources::new(1, 1024, 10);
         assert!(hold_back(&n, &cap, &tiny, &bl, &cfg, Timestamp(2000)).is_none());
@@ -359,6 +387,7 @@ mod tests {
         let bl2 = [Backlogged {
             flag: &f2,
             bound: Resources::new(2, 2048, 8),
+            part: 0,
         }];
         assert!((0..200).all(|i| {
             let n = NodeId::new(format!("n{i}")).unwrap();

@@ -210,6 +210,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         .map(|f| Backlogged {
             flag: f,
             bound: map.upper_bound(&f.class.tclass, f.class.size),
+            part: map.node_partition(node.id.as_str(), f.class.size),
         })
         .collect();
     out.hold = hold_back(
@@ -242,9 +243,8 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     // 1. backlogged classes: full-fit takers pull the fit lane, near-fit takers the spill lane
     //    (only backed-up classes have spilled hints, so only they are worth a near-fit pull)
     for b in &backlogged {
-        // only the flag's takers act on it (crate::takers), and the empty nodes of a later
-        // tier once it opens (the tiers elect those); the rest keep their usual order
-        if !(tier > 0 || acts_on(&node.id, b.flag, &cfg.guard)) {
+        // only the flag's takers act on it (crate::takers); the rest keep their usual order
+        if !acts_on(&node.id, b.part, b.flag, &cfg.guard, empty) {
             continue;
         }
         let (tclass, size) = (b.flag.class.tclass.clone(), b.flag.class.size);
@@ -569,7 +569,7 @@ mod tests {
             depth: 10,
             smallest: Resources::default(),
             updated_at: Timestamp(0),
-            takers: 1.0,
+            takers: None,
         }
     }
 
@@ -600,18 +600,36 @@ mod tests {
         assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
         // a node the flag does not elect plans as if there were no flag
         let draw = crate::policy::election_draw(&node.id, &flag(5).class);
+        let part = map.node_partition(node.id.as_str(), 5);
+        let takers = |in_use: f64, empty: f64| {
+            Some(vec![crate::takers::PartitionTakers {
+                part,
+                in_use,
+                empty,
+            }])
+        };
         let elsewhere = BacklogFlag {
-            takers: draw / 2.0,
+            takers: takers(draw / 2.0, 1.0),
             ..flag(5)
         };
         let none = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert_eq!(plan(&node, &map, &ledger, &[], &[elsewhere], &cfg()), none);
         let here = BacklogFlag {
-            takers: (draw + 1.0) / 2.0,
+            takers: takers((draw + 1.0) / 2.0, 0.0),
             ..flag(5)
         };
         let p = plan(&node, &map, &ledger, &[], &[here], &cfg());
         assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Spill));
+        // nor does a node of a partition where nothing waits
+        let other_part = BacklogFlag {
+            takers: Some(vec![crate::takers::PartitionTakers {
+                part: part + 1,
+                in_use: 1.0,
+                empty: 1.0,
+            }]),
+            ..flag(5)
+        };
+        assert_eq!(plan(&node, &map, &ledger, &[], &[other_part], &cfg()), none);
     }
 
     #[test]

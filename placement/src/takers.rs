@@ -1,14 +1,26 @@
-//! How many nodes act on a backlog flag.
+//! Which nodes act on a backlog flag.
 //!
 //! A flagged class goes first in a node's pull order, and near-fit takers add a spill pull
 //! for it. If every node with room did so, each raise and each lowering of a flag would make
 //! every such node re-plan and re-issue its pulls: tens of thousands of pull messages for a
-//! backlog of a handful of requests in a large cluster. So a flag names the share of its
-//! eligible nodes that act on it, about [`TAKERS_PER_WAITING`] per waiting request and at
-//! least [`MIN_TAKERS`], and each node decides by a stable draw whether it is one of them
-//! (the draw the starvation guard uses, so the guard's nodes are always among the takers).
-//! The dispatcher counts the eligible nodes from their advertisements; the others keep their
-//! usual pulls, which still include the class wherever it fits.
+//! backlog of a handful of requests in a large cluster. So a flag says, for each partition
+//! of its class that has requests waiting (a node pulls one partition of a class, so only
+//! those nodes can take them), the share of that partition's eligible nodes that act on it:
+//! about [`TAKERS_PER_WAITING`] per waiting request and at least [`MIN_TAKERS`]. Each node
+//! decides by a stable draw whether it is one of them (the draw the starvation guard uses, so
+//! the guard's nodes are the first takers). The dispatcher finds the eligible nodes in their
+//! advertisements; the others keep their usual pulls, which still include the class wherever
+//! it fully fits.
+//!
+//! Nodes in use and empty nodes are elected apart, each with its own share: a node in use
+//! that is eligible (it has room for the smallest waiting request) may still be unable to
+//! help (the guard holds its room for a larger class, or its room fits only the smallest),
+//! and it stays eligible while it cannot; an empty node that takes work leaves the empty
+//! set, so the empty share follows the nodes actually left to open.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
 use crate::policy::{GuardConfig, election_draw};
@@ -16,24 +28,40 @@ use crate::resources::Resources;
 use crate::shard::ShardMap;
 use crate::wire::{BacklogFlag, NodeAdvert};
 
-/// Nodes wanted acting on a backlog, per waiting request.
-pub const TAKERS_PER_WAITING: u64 = 8;
-/// Fewest nodes wanted acting on any backlog.
-pub const MIN_TAKERS: u64 = 32;
+/// Nodes wanted acting on a partition's backlog, per waiting request.
+pub const TAKERS_PER_WAITING: u64 = 2;
+/// Fewest nodes wanted acting on any partition's backlog.
+pub const MIN_TAKERS: u64 = 8;
 
-/// How many eligible nodes a backlog of `depth` waiting requests wants acting on it.
+/// Requests of one backed-up class waiting in each of its partitions.
+pub type WaitingByPartition = BTreeMap<u16, u64>;
+
+/// The takers of one partition of a flagged class: the shares of its eligible nodes in use
+/// and of its eligible empty nodes that act on the flag, each in [0, 1].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionTakers {
+    /// The partition.
+    pub part: u16,
+    /// Share of its nodes in use that act.
+    pub in_use: f64,
+    /// Share of its empty nodes that act.
+    pub empty: f64,
+}
+
+/// How many eligible nodes of a partition a backlog of `depth` waiting requests there wants
+/// acting on it.
 pub fn takers_wanted(depth: u64) -> u64 {
     depth
         .saturating_mul(TAKERS_PER_WAITING)
         .saturating_add(MIN_TAKERS)
 }
 
-/// The share a flag for a backlog of `depth` carries, from the election draws of the class's
-/// eligible nodes in ascending order ([`eligible_draws`]): the share that elects
-/// [`takers_wanted`] of them (1 when there are no more), or the `previous` share while it
-/// still elects between half and twice that many (every change makes nodes re-plan). Nodes
-/// fill up and leave the eligible set, so a share that elected enough nodes once can elect
-/// too few later: the share follows the eligible nodes, not their count.
+/// One share of one partition, from the election draws of its eligible nodes in ascending
+/// order: the share that elects [`takers_wanted`] of them (1 when there are no more), or the
+/// `previous` share while it still elects between half and twice that many (every change
+/// makes nodes re-plan). Nodes fill up and leave the eligible set, so a share that elected
+/// enough nodes once can elect too few later: the share follows the eligible nodes, not their
+/// count.
 pub fn settle_share(
     sorted_draws: impl IntoIterator<Item = f64>,
     depth: u64,
@@ -61,38 +89,88 @@ pub fn settle_share(
     }
 }
 
-/// The share of nodes whose plan `flag` can change: its takers, and for a class the guard
-/// watches, the guard's share (a node the guard elects holds back for the class).
-pub fn acting_share(flag: &BacklogFlag, guard: &GuardConfig) -> f64 {
-    let guarded = if flag.class.size >= guard.min_class {
-        guard.share
-    } else {
-        0.0
+/// The election draws of one partition's eligible nodes, ascending, nodes in use and empty
+/// nodes apart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EligibleDraws {
+    /// Nodes with something allocated.
+    pub in_use: Vec<f64>,
+    /// Nodes with nothing allocated.
+    pub empty: Vec<f64>,
+}
+
+/// The takers of a flag: for each partition with requests `waiting`, both shares settled
+/// ([`settle_share`]) from the draws of its eligible nodes and the `previous` flag's shares.
+pub fn settle_takers(
+    mut eligible: BTreeMap<u16, EligibleDraws>,
+    waiting: &WaitingByPartition,
+    previous: Option<&BacklogFlag>,
+) -> Vec<PartitionTakers> {
+    waiting
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(part, n)| {
+            let draws = eligible.remove(part).unwrap_or_default();
+            let before = previous
+                .and_then(|f| f.takers.as_ref())
+                .and_then(|t| t.iter().find(|t| t.part == *part));
+            PartitionTakers {
+                part: *part,
+                in_use: settle_share(draws.in_use, *n, before.map(|t| t.in_use)),
+                empty: settle_share(draws.empty, *n, before.map(|t| t.empty)),
+            }
+        })
+        .collect()
+}
+
+/// The share of the nodes (empty ones when `empty`) pulling partition `part` of `flag`'s class
+/// whose plan the flag can change: its takers there (every node for a flag that names none,
+/// from an older dispatcher; none in a partition with nothing waiting), and for a class the
+/// guard watches, at least the guard's share where requests wait (a node the guard elects
+/// holds back for the class).
+pub fn acting_share(flag: &BacklogFlag, guard: &GuardConfig, part: u16, empty: bool) -> f64 {
+    let Some(takers) = &flag.takers else {
+        return 1.0;
     };
-    flag.takers.max(guarded)
+    let Some(t) = takers.iter().find(|t| t.part == part) else {
+        return 0.0;
+    };
+    let share = if empty { t.empty } else { t.in_use };
+    if flag.class.size >= guard.min_class {
+        share.max(guard.share)
+    } else {
+        share
+    }
 }
 
-/// Whether `node` acts on `flag`: its stable draw for the class falls within
-/// [`acting_share`].
-pub fn acts_on(node: &NodeId, flag: &BacklogFlag, guard: &GuardConfig) -> bool {
-    election_draw(node, &flag.class) < acting_share(flag, guard)
+/// Whether `node`, pulling partition `part` of the class (an empty node when `empty`), acts
+/// on `flag`: its stable draw for the class falls within [`acting_share`].
+pub fn acts_on(
+    node: &NodeId,
+    part: u16,
+    flag: &BacklogFlag,
+    guard: &GuardConfig,
+    empty: bool,
+) -> bool {
+    election_draw(node, &flag.class) < acting_share(flag, guard, part, empty)
 }
 
-/// The election draws, ascending, of the advertised nodes that could take a request of
-/// `flag`'s class: nodes of its zone that are pulling, pull the class (home or overflow) and
-/// have room for `smallest` (the flag's smallest waiting request, or the class's lower bound
-/// when it is not known).
+/// The election draws, by the partition of the class each pulls, of the advertised nodes
+/// that could take a request of `flag`'s class: nodes of its zone that take work, pull the
+/// class (home or overflow) and have room for `smallest` (the flag's smallest waiting
+/// request, or the class's lower bound when it is not known).
 pub fn eligible_draws<'a>(
     adverts: impl IntoIterator<Item = &'a NodeAdvert>,
     map: &ShardMap,
     flag: &BacklogFlag,
-) -> Vec<f64> {
+) -> BTreeMap<u16, EligibleDraws> {
     let smallest: Resources = if flag.smallest.is_zero() {
         map.lower_bound(flag.class.size)
     } else {
         flag.smallest.clone()
     };
-    let mut draws: Vec<f64> = adverts
+    let mut out: BTreeMap<u16, EligibleDraws> = BTreeMap::new();
+    for a in adverts
         .into_iter()
         .filter(|a| a.takes_work() && a.zone == flag.class.zone)
         .filter(|a| smallest.fits(&a.unallocated))
@@ -100,24 +178,34 @@ pub fn eligible_draws<'a>(
             let (home, overflow) = map.pullable_classes(&a.traits);
             home.contains(&flag.class.tclass) || overflow.contains(&flag.class.tclass)
         })
-        .map(|a| election_draw(&a.node, &flag.class))
-        .collect();
-    draws.sort_by(f64::total_cmp);
-    draws
+    {
+        let part = map.node_partition(a.node.as_str(), flag.class.size);
+        let draw = election_draw(&a.node, &flag.class);
+        let e = out.entry(part).or_default();
+        if a.unallocated == a.capacity {
+            e.empty.push(draw);
+        } else {
+            e.in_use.push(draw);
+        }
+    }
+    for e in out.values_mut() {
+        e.in_use.sort_by(f64::total_cmp);
+        e.empty.sort_by(f64::total_cmp);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::Zone;
     use crate::explain::tests::advert;
-    use crate::wire::NodeState;
+    use crate::ids::Zone;
     use crate::shard::ClassKey;
     use crate::time::Timestamp;
-    use crate::wire::WIRE_VERSION;
+    use crate::wire::{NodeState, WIRE_VERSION};
     use proptest::prelude::*;
 
-    fn flag(size: u8, takers: f64) -> BacklogFlag {
+    fn flag(size: u8, takers: Option<Vec<PartitionTakers>>) -> BacklogFlag {
         BacklogFlag {
             v: WIRE_VERSION,
             class: ClassKey {
@@ -131,6 +219,14 @@ mod tests {
             smallest: Resources::default(),
             updated_at: Timestamp(0),
             takers,
+        }
+    }
+
+    fn part(part: u16, in_use: f64, empty: f64) -> PartitionTakers {
+        PartitionTakers {
+            part,
+            in_use,
+            empty,
         }
     }
 
@@ -151,42 +247,81 @@ mod tests {
             assert_eq!(settle_share(draws.iter().copied(), 1, Some(at(k))), at(k));
         }
         // one electing too few (its nodes filled up) or too many moves
-        assert_eq!(settle_share(draws.iter().copied(), 1, Some(at(w / 2 - 2))), share);
-        assert_eq!(settle_share(draws.iter().copied(), 1, Some(at(2 * w))), share);
+        assert_eq!(
+            settle_share(draws.iter().copied(), 1, Some(at(w / 2 - 2))),
+            share
+        );
+        assert_eq!(
+            settle_share(draws.iter().copied(), 1, Some(at(2 * w))),
+            share
+        );
         let few: Vec<f64> = draws[3 * w..].to_vec();
         let moved = settle_share(few.iter().copied(), 1, Some(share));
         assert_eq!(elects(&few, moved), w);
     }
 
     #[test]
+    fn takers_are_settled_for_the_partitions_with_waiting_requests() {
+        let draws = |k: u32| EligibleDraws {
+            in_use: (0..k).map(|i| f64::from(i) / f64::from(k)).collect(),
+            empty: vec![0.5],
+        };
+        let eligible = BTreeMap::from([(0, draws(100)), (1, draws(100)), (2, draws(100))]);
+        let waiting = WaitingByPartition::from([(0, 1), (2, 0), (3, 4)]);
+        let t = settle_takers(eligible, &waiting, None);
+        let parts: Vec<u16> = t.iter().map(|t| t.part).collect();
+        assert_eq!(parts, vec![0, 3], "partitions with something waiting only");
+        assert!(t[0].in_use > 0.0 && t[0].in_use < 1.0);
+        assert_eq!(t[0].empty, 1.0, "fewer empty nodes than wanted: all");
+        assert_eq!(
+            (t[1].in_use, t[1].empty),
+            (1.0, 1.0),
+            "no eligible nodes known"
+        );
+        // the previous flag's shares are the starting point
+        let prev = flag(2, Some(vec![part(0, t[0].in_use * 1.2, 1.0)]));
+        let eligible = BTreeMap::from([(0, draws(100))]);
+        let again = settle_takers(eligible, &waiting, Some(&prev));
+        assert_eq!(again[0].in_use, t[0].in_use * 1.2);
+    }
+
+    #[test]
     fn eligible_nodes_are_pulling_nodes_of_the_zone_with_room() {
-        let mut f = flag(4, 1.0);
+        let mut f = flag(4, None);
         f.smallest = Resources::new(1, 8 * 1024, 1);
         let mut other_zone = advert("z", 64, 64, NodeState::Active);
         other_zone.zone = Zone::new("az2").unwrap();
+        let mut empty = advert("a", 64, 64, NodeState::Active);
+        empty.unallocated = empty.capacity.clone();
         let adverts = [
-            advert("a", 64, 64, NodeState::Active),
+            empty,
             advert("b", 64, 4, NodeState::Active),
             advert("c", 64, 64, NodeState::Cordoned),
             advert("d", 64, 16, NodeState::Active),
             other_zone,
         ];
-        let map = crate::shard::default_shard_map(Zone::new("az1").unwrap());
+        let mut map = crate::shard::default_shard_map(Zone::new("az1").unwrap());
+        map.size_classes[4].partitions = 1;
         let draws = eligible_draws(&adverts, &map, &f);
-        let mut want: Vec<f64> = ["a", "d"]
-            .iter()
-            .map(|n| election_draw(&NodeId::new(*n).unwrap(), &f.class))
-            .collect();
-        want.sort_by(f64::total_cmp);
-        assert_eq!(draws, want);
+        let draw = |n: &str| election_draw(&NodeId::new(n).unwrap(), &f.class);
+        let want = EligibleDraws {
+            in_use: vec![draw("d")],
+            empty: vec![draw("a")],
+        };
+        assert_eq!(draws, BTreeMap::from([(0, want)]));
     }
 
     #[test]
-    fn the_guard_share_covers_guarded_classes_only() {
+    fn shares_apply_per_partition_and_the_guard_where_requests_wait() {
         let guard = GuardConfig::default();
-        assert_eq!(acting_share(&flag(1, 0.01), &guard), 0.01);
-        assert_eq!(acting_share(&flag(guard.min_class, 0.01), &guard), guard.share);
-        assert_eq!(acting_share(&flag(guard.min_class, 0.5), &guard), 0.5);
+        let small = flag(1, Some(vec![part(3, 0.01, 0.2)]));
+        assert_eq!(acting_share(&small, &guard, 3, false), 0.01);
+        assert_eq!(acting_share(&small, &guard, 3, true), 0.2);
+        assert_eq!(acting_share(&small, &guard, 4, false), 0.0);
+        let large = flag(guard.min_class, Some(vec![part(3, 0.01, 0.7)]));
+        assert_eq!(acting_share(&large, &guard, 3, false), guard.share);
+        assert_eq!(acting_share(&large, &guard, 3, true), 0.7);
+        assert_eq!(acting_share(&large, &guard, 4, true), 0.0);
     }
 
     #[test]
@@ -194,10 +329,11 @@ mod tests {
         let json = r#"{"v":1,"class":{"zone":"az1","tclass":"std","size":2},"since":0,
             "oldest_age_ms":0,"depth":3,"updated_at":0}"#;
         let f: BacklogFlag = serde_json::from_str(json).unwrap();
-        assert_eq!(f.takers, 1.0);
+        assert_eq!(f.takers, None);
         for i in 0..100 {
             let n = NodeId::new(format!("n{i}")).unwrap();
-            assert!(acts_on(&n, &f, &GuardConfig::default()));
+            assert!(acts_on(&n, 0, &f, &GuardConfig::default(), false));
+            assert!(acts_on(&n, 5, &f, &GuardConfig::default(), true));
         }
     }
 
@@ -209,12 +345,13 @@ mod tests {
         fn election_is_a_nested_share(a in 0.01f64..0.5, b in 0.01f64..0.5) {
             let guard = GuardConfig { share: 0.0, ..GuardConfig::default() };
             let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+            let (f_lo, f_hi) = (flag(2, Some(vec![part(0, lo, lo)])), flag(2, Some(vec![part(0, hi, hi)])));
             let n = 4000;
             let mut elected = [0usize; 2];
             for i in 0..n {
                 let node = NodeId::new(format!("n{i:06}")).unwrap();
-                let in_lo = acts_on(&node, &flag(2, lo), &guard);
-                let in_hi = acts_on(&node, &flag(2, hi), &guard);
+                let in_lo = acts_on(&node, 0, &f_lo, &guard, false);
+                let in_hi = acts_on(&node, 0, &f_hi, &guard, false);
                 prop_assert!(!in_lo || in_hi);
                 elected[0] += usize::from(in_lo);
                 elected[1] += usize::from(in_hi);

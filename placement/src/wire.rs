@@ -259,14 +259,10 @@ pub struct BacklogFlag {
     pub smallest: Resources,
     /// Last measurement.
     pub updated_at: Timestamp,
-    /// Share of the class's eligible nodes that act on the flag, in (0, 1] (see
-    /// [`crate::takers`]); a flag without it (an older dispatcher) is acted on by all.
-    #[serde(default = "all_takers")]
-    pub takers: f64,
-}
-
-fn all_takers() -> f64 {
-    1.0
+    /// Per partition with requests waiting, the shares of its eligible nodes that act on
+    /// the flag (see [`crate::takers`]); absent (an older dispatcher): every node acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takers: Option<Vec<crate::takers::PartitionTakers>>,
 }
 
 /// How often each class of a zone is requested, written by dispatchers every few seconds so

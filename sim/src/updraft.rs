@@ -265,9 +265,9 @@ struct Sim<'a> {
     empty: BTreeSet<u32>,
     /// Utilization sums over live nodes, for samples.
     tally: FleetTally,
-    /// Per class, every node by its election draw for the class (`placement::takers`),
-    /// computed when the class is first flagged.
-    draws: Vec<Option<Vec<(f64, u32)>>>,
+    /// Per class, its nodes by partition and election draw (`placement::takers`), computed
+    /// when the class is first flagged.
+    draws: Vec<Option<backlog::ClassDraws>>,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -820,7 +820,6 @@ impl Sim<'_> {
         let dt = (-u.ln() / per_ms).round().min(1e15) as Millis;
         self.q.push(now + dt.max(1), Ev::Death);
     }
-
 }
 
 /// Runs updraft over `workload` on `nodes`.

@@ -1,17 +1,52 @@
-//! The dispatcher's sweep in the model: backlog flags (with their takers' share, as
-//! `dispatcher/src/timekeeper.rs` sets it), class demand, and which nodes re-plan when a flag
-//! changes.
+//! The dispatcher's sweep in the model: backlog flags (with their takers, as
+//! `dispatcher/src/timekeeper.rs` settles them), class demand, and which nodes re-plan when a
+//! flag changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use placement::Resources;
 use placement::Timestamp;
 use placement::policy::{Policy, election_draw};
-use placement::takers::{acting_share, settle_share};
+use placement::takers::{PartitionTakers, WaitingByPartition, acting_share, settle_share};
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
-use placement::Resources;
 
 use super::Sim;
 use crate::Millis;
+
+/// One class's nodes by the partition of the class they pull, each partition's as
+/// (election draw, node) in ascending order of draw.
+pub(super) type ClassDraws = Vec<Vec<(f64, u32)>>;
+
+/// The shares of a partition's nodes in use and of its empty nodes that act on a flag.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Acting {
+    in_use: f64,
+    empty: f64,
+}
+
+impl Acting {
+    fn of(flag: Option<&BacklogFlag>, guard: &placement::policy::GuardConfig, part: u16) -> Self {
+        flag.map_or_else(Acting::default, |f| Acting {
+            in_use: acting_share(f, guard, part, false),
+            empty: acting_share(f, guard, part, true),
+        })
+    }
+
+    fn max(self, other: Acting) -> Acting {
+        Acting {
+            in_use: self.in_use.max(other.in_use),
+            empty: self.empty.max(other.empty),
+        }
+    }
+}
+
+/// The partitions a flag names.
+fn parts_of(flag: Option<&BacklogFlag>) -> impl Iterator<Item = u16> + '_ {
+    flag.and_then(|f| f.takers.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.part)
+}
 
 impl Sim<'_> {
     /// The dispatcher's sweep: backlog flags each sweep, class demand every ten seconds.
@@ -29,57 +64,33 @@ impl Sim<'_> {
         for ci in backed_up {
             let ci32 = u32::try_from(ci).unwrap_or(u32::MAX);
             self.ensure_draws(ci32);
-            let w = &self.waiting[ci];
-            let Some(&(oldest, _)) = w.first() else {
-                continue;
-            };
-            let class = &self.classes[ci];
-            let spill = self.spill_ms(class.size);
-            let mut smallest: Option<Resources> = None;
-            for (_, seq) in w.iter().take(64) {
-                if let Some(r) = self.reqs.get(seq) {
-                    smallest = Some(smallest.map_or_else(|| r.res.clone(), |s| s.min(&r.res)));
-                }
-            }
-            let prev = self.flags.iter().find(|f| &f.class == class);
-            let smallest = smallest.unwrap_or_default();
-            let depth = w.len() as u64;
-            let takers = settle_share(
-                self.eligible_draws(ci32, class.size, &smallest),
-                depth,
-                prev.map(|f| f.takers),
-            );
-            flags.push(BacklogFlag {
-                v: WIRE_VERSION,
-                class: class.clone(),
-                since: prev.map_or(Timestamp(oldest + spill), |f| f.since),
-                oldest_age_ms: now - oldest,
-                depth,
-                smallest,
-                updated_at: Timestamp(now),
-                takers,
-            });
+            flags.push(self.measure(ci32, now));
             set.insert(ci32);
         }
-        // which classes' flags changed, and the share of nodes (old or new) that acts on each
+        // which partitions' takers changed, and the shares (old or new) that act in each
         let cfg = self.cfg;
         let guard = &cfg.pull.guard;
-        let mut changed: BTreeMap<u32, f64> = BTreeMap::new();
-        let share = |f: Option<&BacklogFlag>| f.map_or(0.0, |f| acting_share(f, guard));
+        let mut changed: BTreeMap<(u32, u16), Acting> = BTreeMap::new();
         for ci in set.union(&self.flag_set) {
             let class = &self.classes[*ci as usize];
             let old = self.flags.iter().find(|f| &f.class == class);
             let new = flags.iter().find(|f| &f.class == class);
-            if old.map(|f| f.takers) != new.map(|f| f.takers) {
-                changed.insert(*ci, share(old).max(share(new)));
+            let parts: BTreeSet<u16> = parts_of(old).chain(parts_of(new)).collect();
+            for part in parts {
+                let (a, b) = (Acting::of(old, guard, part), Acting::of(new, guard, part));
+                if a != b {
+                    changed.insert((*ci, part), a.max(b));
+                }
             }
         }
         let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
         for ci in guard_ended {
             let class = &self.classes[ci as usize];
-            let s = share(flags.iter().find(|f| &f.class == class));
-            let e = changed.entry(ci).or_insert(0.0);
-            *e = e.max(s);
+            let f = flags.iter().find(|f| &f.class == class);
+            for part in parts_of(f) {
+                let e = changed.entry((ci, part)).or_default();
+                *e = e.max(Acting::of(f, guard, part));
+            }
         }
         self.flags = flags;
         self.flag_set = set;
@@ -91,20 +102,86 @@ impl Sim<'_> {
             self.rec.count("flag_changes", 1);
             self.replan_for(&changed, now);
         } else if open_more {
-            // a backlog grew old enough for the next tier of empty nodes to open (tier 0 does
-            // not wait for backlogs, and tiers not yet open plan nothing)
+            // a backlog grew old enough for the next tier of empty nodes to open: its empty
+            // takers there re-plan (tier 0 does not wait for backlogs, and tiers not yet open
+            // plan nothing)
             self.rec.count("tier_openings", 1);
             let open = self.open_level(now);
-            let empty: Vec<u32> = self
-                .empty
-                .iter()
-                .copied()
-                .filter(|n| (1..=open).contains(&self.nodes[*n as usize].tier))
-                .collect();
+            let mut empty = BTreeSet::new();
+            for f in &self.flags {
+                let Some(ci) = self.class_ix.get(&f.class) else {
+                    continue;
+                };
+                for part in parts_of(Some(f)) {
+                    let share = acting_share(f, guard, part, true);
+                    for (_, n) in self.elected(*ci, part, share) {
+                        let tier = self.nodes[*n as usize].tier;
+                        if self.empty.contains(n) && (1..=open).contains(&tier) {
+                            empty.insert(*n);
+                        }
+                    }
+                }
+            }
             self.rec.count("tier_replans", empty.len() as u64);
             for n in empty {
                 self.replan(n, now);
             }
+        }
+    }
+
+    /// Class `ci`'s flag as the dispatcher measures it now (its queue is backed up): depth,
+    /// smallest of the 64 oldest, and the takers of each partition with requests waiting.
+    fn measure(&self, ci: u32, now: Millis) -> BacklogFlag {
+        let w = &self.waiting[ci as usize];
+        let oldest = w.first().map_or(now, |(t, _)| *t);
+        let class = &self.classes[ci as usize];
+        let spill = self.spill_ms(class.size);
+        let mut smallest: Option<Resources> = None;
+        for (_, seq) in w.iter().take(64) {
+            if let Some(r) = self.reqs.get(seq) {
+                smallest = Some(smallest.map_or_else(|| r.res.clone(), |s| s.min(&r.res)));
+            }
+        }
+        let smallest = smallest.unwrap_or_default();
+        let mut waiting = WaitingByPartition::new();
+        for (_, seq) in w {
+            if let Some(r) = self.reqs.get(seq) {
+                *waiting
+                    .entry(self.shards[r.shard as usize].part)
+                    .or_default() += 1;
+            }
+        }
+        let prev = self.flags.iter().find(|f| &f.class == class);
+        let need = if smallest.is_zero() {
+            self.cfg.map.lower_bound(class.size)
+        } else {
+            smallest.clone()
+        };
+        let takers = waiting
+            .iter()
+            .map(|(part, n)| {
+                let before = prev
+                    .and_then(|f| f.takers.as_ref())
+                    .and_then(|t| t.iter().find(|t| t.part == *part));
+                let settle = |empty: bool, previous: Option<f64>| {
+                    settle_share(self.eligible_draws(ci, *part, &need, empty), *n, previous)
+                };
+                PartitionTakers {
+                    part: *part,
+                    in_use: settle(false, before.map(|t| t.in_use)),
+                    empty: settle(true, before.map(|t| t.empty)),
+                }
+            })
+            .collect();
+        BacklogFlag {
+            v: WIRE_VERSION,
+            class: class.clone(),
+            since: prev.map_or(Timestamp(oldest + spill), |f| f.since),
+            oldest_age_ms: now - oldest,
+            depth: w.len() as u64,
+            smallest,
+            updated_at: Timestamp(now),
+            takers: Some(takers),
         }
     }
 
@@ -130,33 +207,29 @@ impl Sim<'_> {
         }
     }
 
-    /// The election draws for class `ci`, ascending, of the live nodes with room for
-    /// `smallest` (the class's lower bound when zero), as the dispatcher finds them in the
-    /// advertisements (`placement::takers::eligible_draws`). Lazy: the caller stops reading
-    /// once the share is settled.
+    /// The election draws, ascending, of partition `part` of class `ci`'s live nodes (empty
+    /// ones when `empty`, else those in use) with room for `need`, as the dispatcher finds them
+    /// in the advertisements (`placement::takers::eligible_draws`). Lazy: the caller stops
+    /// reading once the share is settled.
     fn eligible_draws<'s>(
         &'s self,
         ci: u32,
-        size: u8,
-        smallest: &Resources,
+        part: u16,
+        need: &'s Resources,
+        empty: bool,
     ) -> impl Iterator<Item = f64> + 's {
-        let need = if smallest.is_zero() {
-            self.cfg.map.lower_bound(size)
-        } else {
-            smallest.clone()
-        };
-        self.class_draws(ci)
+        self.part_draws(ci, part)
             .iter()
             .filter(move |(_, n)| {
-                self.nodes[*n as usize]
-                    .indexed
-                    .as_ref()
-                    .is_some_and(|free| need.fits(free))
+                let node = &self.nodes[*n as usize];
+                node.indexed.as_ref().is_some_and(|free| {
+                    need.fits(free) && (free == node.ledger.capacity()) == empty
+                })
             })
             .map(|(d, _)| *d)
     }
 
-    /// Makes sure class `ci`'s nodes sorted by election draw are computed.
+    /// Makes sure class `ci`'s nodes by partition and election draw are computed.
     fn ensure_draws(&mut self, ci: u32) {
         let ci = ci as usize;
         if self.draws.len() <= ci {
@@ -164,46 +237,59 @@ impl Sim<'_> {
         }
         if self.draws[ci].is_none() {
             let class = &self.classes[ci];
-            let mut d: Vec<(f64, u32)> = self
-                .nodes
-                .iter()
-                .enumerate()
-                .map(|(n, node)| {
-                    let n = u32::try_from(n).unwrap_or(u32::MAX);
-                    (election_draw(&node.profile.id, class), n)
-                })
-                .collect();
-            d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let parts = self
+                .cfg
+                .map
+                .size_classes
+                .get(usize::from(class.size))
+                .map_or(1, |c| c.partitions);
+            let mut d: ClassDraws = vec![Vec::new(); usize::from(parts)];
+            for (n, node) in self.nodes.iter().enumerate() {
+                let id = &node.profile.id;
+                let part = usize::from(self.cfg.map.node_partition(id.as_str(), class.size));
+                if let Some(list) = d.get_mut(part) {
+                    list.push((
+                        election_draw(id, class),
+                        u32::try_from(n).unwrap_or(u32::MAX),
+                    ));
+                }
+            }
+            for list in &mut d {
+                list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            }
             self.draws[ci] = Some(d);
         }
     }
 
-    /// Class `ci`'s nodes by election draw (empty before [`Self::ensure_draws`]).
-    fn class_draws(&self, ci: u32) -> &[(f64, u32)] {
+    /// Partition `part` of class `ci`'s nodes by election draw (empty before
+    /// [`Self::ensure_draws`]).
+    fn part_draws(&self, ci: u32, part: u16) -> &[(f64, u32)] {
         self.draws
             .get(ci as usize)
-            .and_then(|d| d.as_deref())
-            .unwrap_or_default()
+            .and_then(|d| d.as_ref())
+            .and_then(|d| d.get(usize::from(part)))
+            .map_or(&[], Vec::as_slice)
     }
 
-    /// The nodes (any state) whose election draw for class `ci` is below `share`.
-    fn elected(&mut self, ci: u32, share: f64) -> Vec<u32> {
-        self.ensure_draws(ci);
-        let d = self.class_draws(ci);
+    /// The nodes (any state) of partition `part` of class `ci` whose election draw is below
+    /// `share`, with their draws (every flagged class's draws are computed when it is
+    /// measured).
+    fn elected(&self, ci: u32, part: u16, share: f64) -> &[(f64, u32)] {
+        let d = self.part_draws(ci, part);
         let end = d.partition_point(|(draw, _)| *draw < share);
-        d[..end].iter().map(|(_, n)| *n).collect()
+        &d[..end]
     }
 
-    /// Re-plans the nodes whose plan a change of these classes' flags can change: those the
-    /// flag elects (old or new share, `placement::takers`) with at least the memory of the
-    /// class's smallest request or the guard's least progress, in order of free memory.
-    fn replan_for(&mut self, changed: &BTreeMap<u32, f64>, now: Millis) {
+    /// Re-plans the nodes whose plan a change of these partitions' takers can change: those
+    /// the flag elects there (old or new shares, `placement::takers`) with at least the memory
+    /// of the class's smallest request or the guard's least progress, in order of free memory.
+    fn replan_for(&mut self, changed: &BTreeMap<(u32, u16), Acting>, now: Millis) {
         // an empty node of a tier no backlog has opened yet plans nothing: unless it holds
         // pulls from an earlier opening, its plan cannot change (most of a large cluster while
         // it ramps up)
         let open = self.open_level(now);
         let mut nodes: Vec<(u64, u32)> = Vec::new();
-        for (ci, share) in changed {
+        for ((ci, part), acting) in changed {
             let c = &self.classes[*ci as usize];
             let lower = self.cfg.map.lower_bound(c.size).memory_mib;
             let guard = self
@@ -213,23 +299,15 @@ impl Sim<'_> {
                 .fraction(self.cfg.pull.guard.min_progress)
                 .memory_mib;
             let least = lower.min(guard);
-            for n in self.elected(*ci, *share) {
-                let node = &self.nodes[n as usize];
+            for (draw, n) in self.elected(*ci, *part, acting.in_use.max(acting.empty)) {
+                let node = &self.nodes[*n as usize];
                 let Some(free) = &node.indexed else { continue };
-                let idle = node.tier > open && node.pulls.is_empty() && self.empty.contains(&n);
-                if free.memory_mib >= least && !idle {
-                    nodes.push((free.memory_mib, n));
+                let empty = self.empty.contains(n);
+                let share = if empty { acting.empty } else { acting.in_use };
+                let idle = node.tier > open && node.pulls.is_empty() && empty;
+                if *draw < share && free.memory_mib >= least && !idle {
+                    nodes.push((free.memory_mib, *n));
                 }
-            }
-        }
-        // empty nodes of a later tier act on every flag once their tier is open
-        for n in &self.empty {
-            let node = &self.nodes[*n as usize];
-            if let Some(free) = &node.indexed
-                && node.tier > 0
-                && (node.tier <= open || !node.pulls.is_empty())
-            {
-                nodes.push((free.memory_mib, *n));
             }
         }
         nodes.sort_unstable();
@@ -247,7 +325,7 @@ impl Sim<'_> {
 
     /// The highest tier of empty nodes some backlog has opened (a tier-k node pulls a class
     /// backed up for k spill deadlines).
-    fn open_level(&self, now: Millis) -> u8 {
+    pub(super) fn open_level(&self, now: Millis) -> u8 {
         self.flags
             .iter()
             .map(|f| {
