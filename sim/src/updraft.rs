@@ -187,6 +187,8 @@ struct NodeSim {
     /// Its unallocated resources as last entered in `Sim::by_free` and `Sim::tally` (None:
     /// in neither, while dead).
     indexed: Option<Resources>,
+    /// Live with nothing allocated (in `Sim::empty`).
+    is_empty: bool,
 }
 
 #[derive(Debug)]
@@ -402,8 +404,10 @@ impl Sim<'_> {
         }
         if free.as_ref() == Some(node.ledger.capacity()) {
             self.empty.insert(n);
+            node.is_empty = true;
         } else {
             self.empty.remove(&n);
+            node.is_empty = false;
         }
     }
 
@@ -857,6 +861,7 @@ pub fn run(
                 0
             },
             indexed: None,
+            is_empty: false,
         })
         .collect();
     let mut sim = Sim {

@@ -116,7 +116,7 @@ impl Sim<'_> {
                     let share = acting_share(f, guard, part, true);
                     for (_, n) in self.elected(*ci, part, share) {
                         let tier = self.nodes[*n as usize].tier;
-                        if self.empty.contains(n) && (1..=open).contains(&tier) {
+                        if self.nodes[*n as usize].is_empty && (1..=open).contains(&tier) {
                             empty.insert(*n);
                         }
                     }
@@ -222,9 +222,7 @@ impl Sim<'_> {
             .iter()
             .filter(move |(_, n)| {
                 let node = &self.nodes[*n as usize];
-                node.indexed.as_ref().is_some_and(|free| {
-                    need.fits(free) && (free == node.ledger.capacity()) == empty
-                })
+                node.is_empty == empty && node.indexed.as_ref().is_some_and(|free| need.fits(free))
             })
             .map(|(d, _)| *d)
     }
@@ -302,7 +300,7 @@ impl Sim<'_> {
             for (draw, n) in self.elected(*ci, *part, acting.in_use.max(acting.empty)) {
                 let node = &self.nodes[*n as usize];
                 let Some(free) = &node.indexed else { continue };
-                let empty = self.empty.contains(n);
+                let empty = node.is_empty;
                 let share = if empty { acting.empty } else { acting.in_use };
                 let idle = node.tier > open && node.pulls.is_empty() && empty;
                 if *draw < share && free.memory_mib >= least && !idle {
