@@ -6,7 +6,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use placement::lifecycle::RequestRecord;
 use placement::subjects::{direct_get_subject, hint_msg_id, hint_subject, shard_stream};
-use placement::wire::{Hint, WIRE_VERSION, encode};
+use placement::wire::{Hint, RecordCopy, WIRE_VERSION, encode};
 use placement::{Lane, RequestId, ShardId, Timestamp};
 
 use crate::BusError;
@@ -45,16 +45,23 @@ impl HintPublisher {
         HintPublisher { js, client }
     }
 
-    /// Publishes the hint for `record`'s current attempt on `lane`. A full shard is
-    /// [`BusError::Full`] (the API answers 429; nothing is dropped).
+    /// Publishes the hint for `record`'s current attempt on `lane`; with the `revision` that
+    /// holds exactly `record` (the caller just wrote or read it), the hint carries a copy, so
+    /// the taker can claim without reading. A full shard is [`BusError::Full`] (the API
+    /// answers 429; nothing is dropped).
     pub async fn publish(
         &self,
         record: &RequestRecord,
+        revision: Option<u64>,
         lane: Lane,
         now: Timestamp,
     ) -> Result<HintAck, BusError> {
         let msg_id = hint_msg_id(&record.spec.id, record.attempt, lane);
-        self.publish_with_id(record, lane, now, msg_id).await
+        let copy = revision.map(|revision| RecordCopy {
+            revision,
+            record: record.clone(),
+        });
+        self.publish_with_id(record, copy, lane, now, msg_id).await
     }
 
     /// Re-publishes a hint found missing, under a repair id (see
@@ -68,12 +75,13 @@ impl HintPublisher {
     ) -> Result<HintAck, BusError> {
         let msg_id =
             placement::subjects::hint_repair_msg_id(&record.spec.id, record.attempt, lane, repair);
-        self.publish_with_id(record, lane, now, msg_id).await
+        self.publish_with_id(record, None, lane, now, msg_id).await
     }
 
     async fn publish_with_id(
         &self,
         record: &RequestRecord,
+        copy: Option<RecordCopy>,
         lane: Lane,
         now: Timestamp,
         msg_id: String,
@@ -85,6 +93,7 @@ impl HintPublisher {
             attempt: record.attempt,
             lane,
             published_at: now,
+            record: copy,
         };
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id.as_str());

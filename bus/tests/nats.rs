@@ -261,8 +261,16 @@ async fn hints_dedupe_replace_and_fill_up() {
     let b = bus::Bus::ensure(client, &topo).await.unwrap();
     b.ensure_shards(&map, &topo).await.unwrap();
     let r = record("h1");
-    let first = b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
-    let again = b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    let first = b
+        .hints
+        .publish(&r, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
+    let again = b
+        .hints
+        .publish(&r, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
     assert!(!first.duplicate && again.duplicate);
     assert!(
         b.hints
@@ -279,22 +287,25 @@ async fn hints_dedupe_replace_and_fill_up() {
     // a later attempt replaces the hint instead of adding one
     let mut r2 = r.clone();
     r2.attempt = 2;
-    b.hints.publish(&r2, Lane::Fit, Timestamp(2)).await.unwrap();
+    b.hints
+        .publish(&r2, None, Lane::Fit, Timestamp(2))
+        .await
+        .unwrap();
     let st = bus::status::shard_status(&b.js, &r.shard, bus::timers::wall_now_ms())
         .await
         .unwrap();
     assert_eq!(st.messages, 1);
     b.hints
-        .publish(&record("h2"), Lane::Fit, Timestamp(1))
+        .publish(&record("h2"), None, Lane::Fit, Timestamp(1))
         .await
         .unwrap();
     b.hints
-        .publish(&record("h3"), Lane::Fit, Timestamp(1))
+        .publish(&record("h3"), None, Lane::Fit, Timestamp(1))
         .await
         .unwrap();
     let full = b
         .hints
-        .publish(&record("h4"), Lane::Fit, Timestamp(1))
+        .publish(&record("h4"), None, Lane::Fit, Timestamp(1))
         .await
         .unwrap_err();
     assert!(matches!(full, BusError::Full { .. }), "{full}");
@@ -326,7 +337,10 @@ async fn pulls_are_served_by_priority_and_expire() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     p2.issue(&pull(2, 1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    b.hints
+        .publish(&r, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
     match tokio::time::timeout(Duration::from_secs(2), e2.recv())
         .await
         .unwrap()
@@ -363,7 +377,10 @@ async fn nak_hands_back_to_another_puller() {
     let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
     let (p1, mut e1) = Puller::new(c1);
     let r = record("nak1");
-    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    b.hints
+        .publish(&r, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
     let spec = |id| PullSpec {
         pull: PullId(id),
         shard: r.shard.clone(),
@@ -413,7 +430,10 @@ async fn cancelled_pulls_stop_competing() {
     assert!(p1.cancel(PullId(1)));
     assert!(!p1.cancel(PullId(1)), "cancel is idempotent");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    b.hints.publish(&r, Lane::Fit, Timestamp(1)).await.unwrap();
+    b.hints
+        .publish(&r, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
     match tokio::time::timeout(Duration::from_secs(2), e2.recv())
         .await
         .unwrap()

@@ -125,11 +125,13 @@ impl Dispatcher {
                 .contains(&(r.spec.id.clone(), r.attempt));
             if !hinted {
                 let now = common::clock::now();
-                if let Err(e) = self.publish_hint(r, Lane::Fit, now).await {
+                if let Err(e) = self.publish_hint(r, Some(v.revision), Lane::Fit, now).await {
                     tracing::warn!(request.id = %r.spec.id, error = %e, "hint not published; the sweep retries");
                 }
                 if r.spilled {
-                    let _ = self.publish_hint(r, Lane::Spill, now).await;
+                    let _ = self
+                        .publish_hint(r, Some(v.revision), Lane::Spill, now)
+                        .await;
                 }
             }
             return;

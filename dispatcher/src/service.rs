@@ -170,18 +170,21 @@ impl Dispatcher {
                 .fail(1, &reason, now)
                 .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
         }
-        match self.bus.records.create(&record).await {
-            Ok(_) => {}
+        let revision = match self.bus.records.create(&record).await {
+            Ok(revision) => revision,
             Err(BusError::Exists { .. }) => return self.existing(record).await,
             Err(e) => return Err(bus_err(e)),
-        }
+        };
         if record.state == State::Failed {
             metrics::counter!(m::REQUESTS, "outcome" => "inadmissible").increment(1);
             let msg = record.reason.clone().unwrap_or_default();
             return Err(ApiError::new(422, "no_capacity", msg).with_record(record));
         }
         let id = record.spec.id.clone();
-        if let Err(e) = self.publish_hint(&record, Lane::Fit, now).await {
+        if let Err(e) = self
+            .publish_hint(&record, Some(revision), Lane::Fit, now)
+            .await
+        {
             if let BusError::Full { stream } = &e {
                 let why =
                     format!("shard queue {stream} is full; retry later with the same id and body");
@@ -227,19 +230,20 @@ impl Dispatcher {
         }
         metrics::counter!(m::REQUESTS, "outcome" => "duplicate").increment(1);
         let now = common::clock::now();
-        let record = if current.value.state == State::Failed && current.value.retryable {
-            let v = self
-                .bus
+        let current = if current.value.state == State::Failed && current.value.retryable {
+            self.bus
                 .records
                 .update_from(&id, Some(current), |r| r.retry(now))
                 .await
-                .map_err(ApiError::unavailable)?;
-            v.value
+                .map_err(ApiError::unavailable)?
         } else {
-            current.value
+            current
         };
+        let (record, revision) = (current.value, current.revision);
         if record.state == State::Queued
-            && let Err(e) = self.publish_hint(&record, Lane::Fit, now).await
+            && let Err(e) = self
+                .publish_hint(&record, Some(revision), Lane::Fit, now)
+                .await
         {
             tracing::warn!(request.id = %id, error = %e, "hint not re-published");
         }
@@ -249,14 +253,16 @@ impl Dispatcher {
         })
     }
 
-    /// Publishes a hint and remembers it.
+    /// Publishes a hint and remembers it; `revision` holds exactly `record` when known (the
+    /// hint then carries a copy: see `placement::wire::Hint`).
     pub async fn publish_hint(
         &self,
         record: &RequestRecord,
+        revision: Option<u64>,
         lane: Lane,
         now: Timestamp,
     ) -> Result<(), BusError> {
-        let res = self.bus.hints.publish(record, lane, now).await;
+        let res = self.bus.hints.publish(record, revision, lane, now).await;
         let label = match &res {
             Ok(a) if a.duplicate => "duplicate",
             Ok(_) => "published",

@@ -111,7 +111,8 @@ impl Dispatcher {
     async fn spill(&self, current: Versioned<RequestRecord>) -> &'static str {
         let now = common::clock::now();
         let r = &current.value;
-        if self.publish_hint(r, Lane::Spill, now).await.is_err() {
+        // no copy: the record is marked spilled right after, so its revision moves on
+        if self.publish_hint(r, None, Lane::Spill, now).await.is_err() {
             return "retry";
         }
         let attempt = r.attempt;

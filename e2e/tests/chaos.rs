@@ -378,6 +378,17 @@ async fn chaos(fault: Fault) {
         .unwrap(),
     )
     .unwrap();
+    if !report.clean() || lost > 0 {
+        // keep the components' logs and the drivers' build/destroy logs for the post-mortem
+        let keep = dir.join(format!("{}-logs", fault.slug()));
+        let _ = std::fs::remove_dir_all(&keep);
+        let copied = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(h.dir.path())
+            .arg(&keep)
+            .status();
+        println!("logs of the failed run: {} ({copied:?})", keep.display());
+    }
     assert!(report.clean(), "{:#?}", report.violations);
     assert_eq!(report.overcommits, 0);
     assert_eq!(lost, 0, "requests neither settled nor visibly pending");

@@ -237,3 +237,111 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hints_record_copy_is_used_when_current_and_never_trusted_past_its_revision() {
+    use placement::lifecycle::RequestRecord;
+    use placement::wire::{Hint, RecordCopy, WIRE_VERSION, encode};
+
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    let agent_metrics = free_port().unwrap();
+    h.spawn_agent(
+        "target",
+        Resources::new(8, 16 * 1024, 1000),
+        &[format!("--set=metrics_listen=127.0.0.1:{agent_metrics}")],
+    )
+    .unwrap();
+    h.wait_nodes(1, Duration::from_secs(30)).await.unwrap();
+    let (st, body) = h
+        .create(0, &json!({ "id": "copied", "flavor": "m1.small" }))
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "{body}");
+    h.wait_for(&["copied".into()], Duration::from_secs(20), is_active)
+        .await
+        .unwrap();
+    let id = RequestId::new("copied").unwrap();
+    let built = h.bus.records.get(&id).await.unwrap().unwrap().value;
+    // the forged hint below goes to a node that does not hold the request: the builder stops
+    // pulling, another joins
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/nodes/target/cordon", h.api(0)))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let other_metrics = free_port().unwrap();
+    h.spawn_agent(
+        "other",
+        Resources::new(8, 16 * 1024, 1000),
+        &[format!("--set=metrics_listen=127.0.0.1:{other_metrics}")],
+    )
+    .unwrap();
+    h.wait_nodes(2, Duration::from_secs(30)).await.unwrap();
+    // a hint for it carrying a copy of the record as first queued, at a revision long gone
+    // (as a spilled request's fit-lane hint does): the node must not claim on it
+    let queued =
+        RequestRecord::new_queued(built.spec.clone(), built.shard.clone(), built.queued_at);
+    let forged = Hint {
+        v: WIRE_VERSION,
+        id: id.clone(),
+        attempt: built.attempt,
+        lane: Lane::Fit,
+        published_at: common::clock::now(),
+        record: Some(RecordCopy {
+            revision: 1,
+            record: queued,
+        }),
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(&h.url).await.unwrap());
+    js.publish(
+        hint_subject(&built.shard, Lane::Fit, &id),
+        encode(&forged).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let scrape = |port: u16| {
+            let http = http.clone();
+            async move {
+                http.get(format!("http://127.0.0.1:{port}/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            }
+        };
+        let (t, o) = (scrape(agent_metrics).await, scrape(other_metrics).await);
+        let name = "updraft_agent_claim_copies_total";
+        // the first placement claimed on the dispatcher's copy; the forged copy's swap failed
+        // (its revision is long gone), and the record read in its place said the hint was stale
+        if counter(&t, name, "outcome=\"used\"") >= 1.0
+            && counter(&o, name, "outcome=\"moved_on\"") >= 1.0
+            && counter(&o, "updraft_agent_deliveries_total", "outcome=\"stale\"") >= 1.0
+        {
+            break;
+        }
+        let a = format!("{t}\n{o}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "copies not counted as expected:\n{}",
+            a.lines()
+                .filter(|l| l.contains("copies") || l.contains("deliveries"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let now = h.bus.records.get(&id).await.unwrap().unwrap().value;
+    assert_eq!(now, built, "the record is untouched");
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{:#?}", report.violations);
+    assert_eq!(report.builds, 1, "one VM, not two");
+    h.shutdown().await;
+}

@@ -290,7 +290,11 @@ async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
             .unwrap();
         assert_eq!(st, 201, "{body}");
         let recs = h
-            .wait_for(std::slice::from_ref(&id), Duration::from_secs(60), is_active)
+            .wait_for(
+                std::slice::from_ref(&id),
+                Duration::from_secs(60),
+                is_active,
+            )
             .await
             .unwrap();
         let r = &recs[0];

@@ -71,46 +71,86 @@ impl Agent {
         tracing::debug!(request.id = %hint.id, node.id = %self.identity.node, pull = ?pull, delivered = d.delivered, "hint delivered");
         let span = tracing::info_span!("claim", request.id = %hint.id, node.id = %self.identity.node, attempt = hint.attempt);
         let me = self.clone();
-        async move { me.claim(pull, d, hint).await }
+        async move { me.claim(pull, d, hint, true).await }
             .instrument(span)
             .await
     }
 
-    async fn claim(self: Arc<Self>, pull: Option<PullId>, d: Delivery, hint: Hint) {
-        let started = tokio::time::Instant::now();
-        // fast path: any replica may answer; a verdict that would drop the hint for good is
-        // confirmed with the stream leader first (a lagging replica must not lose a request)
+    /// The record a claim starts from: read from any replica; a verdict that would drop the
+    /// hint for good is confirmed with the stream leader first (a lagging replica must not
+    /// lose a request). None when the delivery was handed back or dropped here.
+    async fn read_for_claim(
+        &self,
+        pull: Option<PullId>,
+        d: &Delivery,
+        hint: &Hint,
+    ) -> Option<bus::Versioned<RequestRecord>> {
         let mut current = match self.bus.records.get(&hint.id).await {
             Ok(v) => v,
             Err(e @ bus::BusError::Decode { .. }) => {
                 metrics::counter!(m::HOSTILE, "kind" => "record").increment(1);
                 tracing::warn!(error = %e, "refusing hint for an undecodable record");
-                return self.drop_stale(&d, pull, "malformed").await;
+                self.drop_stale(d, pull, "malformed").await;
+                return None;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the record; handing back");
-                return self.hand_back(&d, pull, Rejection::NotTakingWork).await;
+                self.hand_back(d, pull, Rejection::NotTakingWork).await;
+                return None;
             }
         };
         let stale = |c: &Option<bus::Versioned<RequestRecord>>| {
             c.as_ref()
-                .is_none_or(|v| judge(&hint, &v.value, &self.profile, true) == Verdict::Stale)
+                .is_none_or(|v| judge(hint, &v.value, &self.profile, true) == Verdict::Stale)
         };
         if stale(&current) {
             current = match self.bus.records.get_leader(&hint.id).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot confirm with the leader; handing back");
-                    return self.hand_back(&d, pull, Rejection::NotTakingWork).await;
+                    self.hand_back(d, pull, Rejection::NotTakingWork).await;
+                    return None;
                 }
             };
         }
-        let Some(current) = current else {
-            return self.drop_stale(&d, pull, "stale").await;
+        if current.is_none() {
+            self.drop_stale(d, pull, "stale").await;
+        }
+        current
+    }
+
+    /// Claims the request of a delivered hint. With `use_copy`, a record copy the hint
+    /// carries (for this request and attempt) stands in for the read: the claim is a
+    /// compare-and-swap on the copy's revision, which fails if the record moved on since;
+    /// then the reservation is released and the claim starts over from a read. Whatever
+    /// would end the delivery without a claim (stale, handed back, already held here) is
+    /// decided on a read record, never on a copy.
+    async fn claim(self: Arc<Self>, pull: Option<PullId>, d: Delivery, hint: Hint, use_copy: bool) {
+        let started = tokio::time::Instant::now();
+        let copy = hint
+            .record
+            .as_ref()
+            .filter(|c| use_copy && c.record.spec.id == hint.id && c.record.attempt == hint.attempt)
+            .map(|c| bus::Versioned {
+                value: c.record.clone(),
+                revision: c.revision,
+            });
+        let from_copy = copy.is_some();
+        let current = match copy {
+            Some(c) => c,
+            None => match self.read_for_claim(pull, &d, &hint).await {
+                Some(c) => c,
+                None => return,
+            },
         };
         let takes_work = self.lock().mode.takes_work();
         match judge(&hint, &current.value, &self.profile, takes_work) {
             Verdict::Proceed => {}
+            // a copy serves the way to a claim only: anything else is decided on the record
+            _ if from_copy => {
+                metrics::counter!(m::CLAIM_COPIES, "outcome" => "declined").increment(1);
+                return Box::pin(self.claim(pull, d, hint, false)).await;
+            }
             Verdict::Stale => return self.drop_stale(&d, pull, "stale").await,
             Verdict::HandBack(r) => return self.hand_back(&d, pull, r).await,
         }
@@ -162,6 +202,11 @@ impl Agent {
             // another delivery of the same request (a re-published hint) is claiming it here,
             // or it already runs here: that one owns the reservation and decides; releasing it
             // on a lost race below would free capacity a live build uses
+            // (the pull's credit is returned either way: a retry reserves from spare)
+            Ok((Reserved::AlreadyHeld, _)) | Err(_) if from_copy => {
+                metrics::counter!(m::CLAIM_COPIES, "outcome" => "declined").increment(1);
+                return Box::pin(self.claim(None, d, hint, false)).await;
+            }
             Ok((Reserved::AlreadyHeld, _)) => {
                 return self.hand_back(&d, None, Rejection::InFlight).await;
             }
@@ -170,11 +215,38 @@ impl Agent {
         let id = spec.id.clone();
         let attempt = hint.attempt;
         let now = common::clock::now();
-        let outcome = self
-            .bus
-            .records
-            .update_from(&id, Some(current), |r| r.claim(attempt, claim.clone(), now))
-            .await;
+        let outcome = if from_copy {
+            let swapped = match current.value.claim(attempt, claim.clone(), now) {
+                Ok(next) => match self.bus.records.cas(&next, current.revision).await {
+                    Ok(revision) => Some(Ok(bus::Versioned {
+                        value: next,
+                        revision,
+                    })),
+                    Err(e) if e.is_conflict() => None,
+                    Err(e) => Some(Err(UpdateError::Bus(e))),
+                },
+                Err(_) => None,
+            };
+            match swapped {
+                Some(outcome) => {
+                    metrics::counter!(m::CLAIM_COPIES, "outcome" => "used").increment(1);
+                    outcome
+                }
+                None => {
+                    // the record moved on since the copy (spilled, deleted, claimed): start
+                    // over from a read, with the reservation released (its pull credit is
+                    // spent: the next reserve is from spare)
+                    metrics::counter!(m::CLAIM_COPIES, "outcome" => "moved_on").increment(1);
+                    self.lock().ledger.release(&id);
+                    return Box::pin(self.claim(None, d, hint, false)).await;
+                }
+            }
+        } else {
+            self.bus
+                .records
+                .update_from(&id, Some(current), |r| r.claim(attempt, claim.clone(), now))
+                .await
+        };
         let won = match outcome {
             Ok(v) => Some(v),
             Err(UpdateError::Transition(_)) | Err(UpdateError::Missing) => None,

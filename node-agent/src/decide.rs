@@ -65,6 +65,7 @@ mod tests {
             attempt,
             lane: Lane::Fit,
             published_at: Timestamp(0),
+            record: None,
         }
     }
 

@@ -15,6 +15,10 @@ pub const DELIVERIES: &str = "updraft_agent_deliveries_total";
 pub const REJECTIONS: &str = "updraft_agent_rejections_total";
 /// Claims lost to another node's compare-and-swap.
 pub const CLAIM_CONFLICTS: &str = "updraft_agent_claim_conflicts_total";
+/// Claims tried on the record copy a hint carries, by outcome (used: the swap on its
+/// revision decided; moved_on: the record had changed, the claim read it and started over;
+/// declined: the copy led to no claim, and the delivery was decided on a read record).
+pub const CLAIM_COPIES: &str = "updraft_agent_claim_copies_total";
 /// Time from a hint's delivery to a won claim.
 pub const CLAIM_DURATION: &str = "updraft_agent_claim_duration_seconds";
 /// Builds, by outcome (active, failed, superseded).
@@ -50,6 +54,7 @@ pub const ALL: &[&str] = &[
     DELIVERIES,
     REJECTIONS,
     CLAIM_CONFLICTS,
+    CLAIM_COPIES,
     CLAIM_DURATION,
     BUILDS,
     BUILD_DURATION,
@@ -75,6 +80,10 @@ pub fn describe() {
     describe_counter!(
         CLAIM_CONFLICTS,
         "Claims lost to another node's compare-and-swap"
+    );
+    describe_counter!(
+        CLAIM_COPIES,
+        "Claims tried on a hint's record copy, by outcome (used, moved_on, declined)"
     );
     describe_histogram!(CLAIM_DURATION, Unit::Seconds, "Delivery to won claim");
     describe_counter!(BUILDS, "Builds, by outcome");

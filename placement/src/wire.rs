@@ -98,7 +98,10 @@ impl Versioned for RequestRecord {
 }
 
 /// A queue message: "request `id`, attempt `attempt`, may be waiting". Only a hint: the node
-/// reads the record and acts on that. A hint whose attempt is not the record's is stale.
+/// acts on the record, never on the hint. A hint whose attempt is not the record's is stale.
+/// It may carry the record as the dispatcher wrote it ([`RecordCopy`]), so the node can claim
+/// with a compare-and-swap on that revision without reading it first; if the record moved on
+/// since, the swap fails and the node reads it as without a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hint {
     /// Version.
@@ -111,6 +114,18 @@ pub struct Hint {
     pub lane: Lane,
     /// When it was published (queue wait metrics).
     pub published_at: Timestamp,
+    /// The record at the revision the dispatcher wrote, when it publishes right after writing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordCopy>,
+}
+
+/// A request record as stored at `revision` of its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordCopy {
+    /// The key's revision holding `record`.
+    pub revision: u64,
+    /// The record.
+    pub record: RequestRecord,
 }
 
 /// A node's administrative or health state, as advertised.
@@ -411,6 +426,7 @@ mod tests {
             attempt: 2,
             lane: Lane::Fit,
             published_at: Timestamp(5),
+            record: None,
         };
         let bytes = encode(&h);
         assert_eq!(decode::<Hint>(&bytes).unwrap(), h);
