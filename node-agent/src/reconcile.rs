@@ -2,7 +2,8 @@
 //!
 //! | found | record says | action |
 //! |---|---|---|
-//! | domain with a request id, not in the ledger | claimed by this node | adopt (re-confirm the epoch; finish a build or delete it interrupted) |
+//! | domain with a request id, not in the ledger | claimed by this node (the domain's token) | adopt (re-confirm the epoch; finish a build or delete it interrupted) |
+//! | domain with a request id, not in the ledger | claimed by this node in its current epoch, another token | nothing: that claim's build decides (the listing is older than the claim) |
 //! | domain with a request id, not in the ledger | anything else | destroy: an updraft domain nobody holds |
 //! | ledger entry, no domain, build in progress | — | nothing: never free a build in progress |
 //! | ledger entry, no domain | active / deleting | free the capacity; the request is lost / deleted |
@@ -205,12 +206,28 @@ impl Agent {
                 return None;
             }
         };
-        let holds = record.as_ref().and_then(|r| {
+        // the listing is older than the read: a claim of this node may have landed since,
+        // its build making a domain of the same name, before it shows in `owned`
+        if self.lock().owned.contains_key(id) {
+            return None;
+        }
+        let ours = record.as_ref().and_then(|r| {
             let c = r.value.claim.as_ref()?;
-            let token_ok = dom.token.is_none_or(|t| t == c.token);
-            (c.node == self.identity.node && token_ok && r.value.state.has_claim())
+            (c.node == self.identity.node && r.value.state.has_claim())
                 .then(|| (r.value.clone(), c.clone()))
         });
+        let holds = ours
+            .clone()
+            .filter(|(_, c)| dom.token.is_none_or(|t| t == c.token));
+        let epoch = self.lock().epoch;
+        if holds.is_none() && ours.as_ref().is_some_and(|(_, c)| c.epoch == epoch) {
+            // a claim this node made in its current epoch, with another token than the listed
+            // domain's: a claim in flight whose build decides (the listed domain may be gone
+            // already, and one of the same name be built); a claim of an earlier epoch is
+            // reaped, and what is left is destroyed as below
+            tracing::info!(request.id = %id, "domain token differs from this epoch's claim; left to its build");
+            return None;
+        }
         let Some((rec, claim)) = holds else {
             metrics::counter!(m::RECONCILE, "action" => "destroyed_orphan").increment(1);
             tracing::warn!(request.id = %id, "destroying an updraft domain no record gives to this node");
