@@ -12,7 +12,7 @@ use futures::StreamExt;
 use placement::explain::explain;
 use placement::lifecycle::{RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
-use placement::takers::{eligible_draws, settle_takers};
+use placement::takers::{draws_in, eligible_draws, settle_takers};
 use placement::wire::{
     BacklogFlag, ClassDemand, CommandKind, DemandEntry, NodeCommand, TimerKind, WIRE_VERSION,
 };
@@ -222,7 +222,11 @@ impl Dispatcher {
             if !measured.by_part.is_empty() {
                 let cluster = self.cluster.read().expect("cluster lock");
                 let draws = eligible_draws(view.adverts().values(), &cluster.shard_map, &flag);
-                flag.takers = Some(settle_takers(draws, &measured.by_part, prev.as_ref()));
+                flag.takers = Some(settle_takers(
+                    |part, empty| draws_in(&draws, part, empty),
+                    &measured.by_part,
+                    prev.as_ref(),
+                ));
             }
             flag
         };

@@ -208,7 +208,11 @@ impl Agent {
         };
         // the listing is older than the read: a claim of this node may have landed since,
         // its build making a domain of the same name, before it shows in `owned`
-        if self.lock().owned.contains_key(id) {
+        let (claimed_since, epoch) = {
+            let inner = self.lock();
+            (inner.owned.contains_key(id), inner.epoch)
+        };
+        if claimed_since {
             return None;
         }
         let ours = record.as_ref().and_then(|r| {
@@ -219,7 +223,6 @@ impl Agent {
         let holds = ours
             .clone()
             .filter(|(_, c)| dom.token.is_none_or(|t| t == c.token));
-        let epoch = self.lock().epoch;
         if holds.is_none() && ours.as_ref().is_some_and(|(_, c)| c.epoch == epoch) {
             // a claim this node made in its current epoch, with another token than the listed
             // domain's: a claim in flight whose build decides (the listed domain may be gone

@@ -100,9 +100,12 @@ pub struct EligibleDraws {
 }
 
 /// The takers of a flag: for each partition with requests `waiting`, both shares settled
-/// ([`settle_share`]) from the draws of its eligible nodes and the `previous` flag's shares.
-pub fn settle_takers(
-    mut eligible: BTreeMap<u16, EligibleDraws>,
+/// ([`settle_share`]) from the `previous` flag's shares and the draws of the partition's
+/// eligible nodes, in ascending order, that `eligible(part, empty)` yields (the dispatcher's
+/// from [`eligible_draws`] through [`draws_in`]; the simulator's straight from its ledgers,
+/// lazily).
+pub fn settle_takers<I: IntoIterator<Item = f64>>(
+    eligible: impl Fn(u16, bool) -> I,
     waiting: &WaitingByPartition,
     previous: Option<&BacklogFlag>,
 ) -> Vec<PartitionTakers> {
@@ -110,17 +113,30 @@ pub fn settle_takers(
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(part, n)| {
-            let draws = eligible.remove(part).unwrap_or_default();
             let before = previous
                 .and_then(|f| f.takers.as_ref())
                 .and_then(|t| t.iter().find(|t| t.part == *part));
             PartitionTakers {
                 part: *part,
-                in_use: settle_share(draws.in_use, *n, before.map(|t| t.in_use)),
-                empty: settle_share(draws.empty, *n, before.map(|t| t.empty)),
+                in_use: settle_share(eligible(*part, false), *n, before.map(|t| t.in_use)),
+                empty: settle_share(eligible(*part, true), *n, before.map(|t| t.empty)),
             }
         })
         .collect()
+}
+
+/// The draws of partition `part`'s eligible nodes in use (or empty, when `empty`), ascending.
+pub fn draws_in(
+    eligible: &BTreeMap<u16, EligibleDraws>,
+    part: u16,
+    empty: bool,
+) -> impl Iterator<Item = f64> + '_ {
+    eligible
+        .get(&part)
+        .map(|d| if empty { &d.empty } else { &d.in_use })
+        .into_iter()
+        .flatten()
+        .copied()
 }
 
 /// The share of the nodes (empty ones when `empty`) pulling partition `part` of `flag`'s class
@@ -268,7 +284,7 @@ mod tests {
         };
         let eligible = BTreeMap::from([(0, draws(100)), (1, draws(100)), (2, draws(100))]);
         let waiting = WaitingByPartition::from([(0, 1), (2, 0), (3, 4)]);
-        let t = settle_takers(eligible, &waiting, None);
+        let t = settle_takers(|p, e| draws_in(&eligible, p, e), &waiting, None);
         let parts: Vec<u16> = t.iter().map(|t| t.part).collect();
         assert_eq!(parts, vec![0, 3], "partitions with something waiting only");
         assert!(t[0].in_use > 0.0 && t[0].in_use < 1.0);
@@ -281,7 +297,7 @@ mod tests {
         // the previous flag's shares are the starting point
         let prev = flag(2, Some(vec![part(0, t[0].in_use * 1.2, 1.0)]));
         let eligible = BTreeMap::from([(0, draws(100))]);
-        let again = settle_takers(eligible, &waiting, Some(&prev));
+        let again = settle_takers(|p, e| draws_in(&eligible, p, e), &waiting, Some(&prev));
         assert_eq!(again[0].in_use, t[0].in_use * 1.2);
     }
 

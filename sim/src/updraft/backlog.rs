@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use placement::Resources;
 use placement::Timestamp;
 use placement::policy::{Policy, election_draw};
-use placement::takers::{PartitionTakers, WaitingByPartition, acting_share, settle_share};
+use placement::takers::{WaitingByPartition, acting_share, settle_takers};
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
 
 use super::Sim;
@@ -157,22 +157,11 @@ impl Sim<'_> {
         } else {
             smallest.clone()
         };
-        let takers = waiting
-            .iter()
-            .map(|(part, n)| {
-                let before = prev
-                    .and_then(|f| f.takers.as_ref())
-                    .and_then(|t| t.iter().find(|t| t.part == *part));
-                let settle = |empty: bool, previous: Option<f64>| {
-                    settle_share(self.eligible_draws(ci, *part, &need, empty), *n, previous)
-                };
-                PartitionTakers {
-                    part: *part,
-                    in_use: settle(false, before.map(|t| t.in_use)),
-                    empty: settle(true, before.map(|t| t.empty)),
-                }
-            })
-            .collect();
+        let takers = settle_takers(
+            |part, empty| self.eligible_draws(ci, part, &need, empty),
+            &waiting,
+            prev,
+        );
         BacklogFlag {
             v: WIRE_VERSION,
             class: class.clone(),
