@@ -429,13 +429,19 @@ impl Harness {
                 .filter(|a| a.takes_work())
                 .count();
             if active >= n {
-                return Ok(());
+                break;
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("only {active} of {n} nodes came up");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // the dispatchers admit on their own view of the adverts, which follows the bucket
+        for i in 0..self.dispatchers.len() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            wait_listed(&self.api(i), n, left).await?;
+        }
+        Ok(())
     }
 
     /// POSTs a create through dispatcher `d`; returns (status, body).
@@ -592,6 +598,28 @@ impl Harness {
         for d in self.dispatchers.drain(..) {
             d.stop().await;
         }
+    }
+}
+
+/// Waits until the dispatcher at `api` lists `n` nodes taking work in `GET /v1/nodes`: its
+/// admission sees them, so a create through it is judged against them.
+pub async fn wait_listed(api: &str, n: usize, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let http = reqwest::Client::new();
+    loop {
+        let mut listed = 0;
+        if let Ok(r) = http.get(format!("{api}/v1/nodes")).send().await
+            && let Ok(body) = r.json::<Vec<dispatcher::api::NodeView>>().await
+        {
+            listed = body.iter().filter(|v| v.advert.takes_work()).count();
+        }
+        if listed >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{api} lists {listed} of {n} nodes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -199,6 +199,11 @@ async fn chaos(fault: Fault) {
     h.wait_nodes(agents.len(), Duration::from_secs(60))
         .await
         .unwrap();
+    for api in &apis {
+        e2e::harness::wait_listed(api, agents.len(), Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
     let flavors = ["m1.tiny", "m1.small", "m1.small", "m1.medium"];
     let ids: Vec<String> = (0..n).map(|i| format!("chaos-{i:05}")).collect();
     let started = common::clock::now().as_millis();

@@ -339,23 +339,9 @@ async fn another_dispatcher_answers_when_the_accepting_one_dies() {
         .unwrap();
     // both dispatchers see the node before anything is asked of them
     for api in &apis {
-        let mut seen = false;
-        for _ in 0..200 {
-            let nodes: serde_json::Value = http
-                .get(format!("{api}/v1/nodes"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if nodes.as_array().is_some_and(|a| a.len() == 1) {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(seen, "{api} never saw the node");
+        e2e::harness::wait_listed(api, 1, Duration::from_secs(10))
+            .await
+            .unwrap();
     }
     // fill the only node
     let r = http

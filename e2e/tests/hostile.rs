@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bus::server::free_port;
-use e2e::harness::{Harness, HarnessOptions, is_active};
+use e2e::harness::{Harness, HarnessOptions, is_active, wait_listed};
 use e2e::process::{Proc, bin};
 use placement::subjects::{hint_subject, kv_subject};
 use placement::{Lane, RequestId, Resources};
@@ -50,21 +50,16 @@ async fn hostile_messages_are_refused_counted_and_never_acted_on() {
     .unwrap();
     let http = reqwest::Client::new();
     let api = format!("http://127.0.0.1:{port}");
-    let mut accepted = false;
-    for _ in 0..150 {
-        if let Ok(r) = http
-            .post(format!("{api}/v1/servers"))
-            .json(&json!({ "id": "legit-1", "flavor": "m1.small" }))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            accepted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(accepted);
+    // the spawned dispatcher must see the agent's advert first, or admission fails the request
+    // as one no node could hold
+    wait_listed(&api, 1, Duration::from_secs(30)).await.unwrap();
+    let r = http
+        .post(format!("{api}/v1/servers"))
+        .json(&json!({ "id": "legit-1", "flavor": "m1.small" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
     h.wait_for(&["legit-1".into()], Duration::from_secs(20), is_active)
         .await
         .unwrap();

@@ -295,21 +295,17 @@ async fn both_binaries_export_their_metrics() {
     .unwrap();
     let http = reqwest::Client::new();
     let api = format!("http://127.0.0.1:{port}");
-    let mut ok = false;
-    for _ in 0..100 {
-        if let Ok(r) = http
-            .post(format!("{api}/v1/servers"))
-            .json(&json!({ "id": "m1", "flavor": "m1.small" }))
-            .send()
-            .await
-            && r.status().as_u16() == 201
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ok, "dispatcher did not accept a request");
+    // admission judges on the dispatcher's view of the adverts: the node must be in it first
+    e2e::harness::wait_listed(&api, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let r = http
+        .post(format!("{api}/v1/servers"))
+        .json(&json!({ "id": "m1", "flavor": "m1.small" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
     h.wait_for(&["m1".into()], Duration::from_secs(20), is_active)
         .await
         .unwrap();
