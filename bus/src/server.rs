@@ -36,6 +36,13 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+impl ServerError {
+    /// Whether the server could not bind its port (so a start on another port may succeed).
+    pub fn is_port_clash(&self) -> bool {
+        matches!(self, ServerError::NotReady(_, log) if log.contains("address already in use"))
+    }
+}
+
 /// Finds the `nats-server` binary.
 pub fn find_binary() -> Result<PathBuf, ServerError> {
     if let Some(p) = std::env::var_os("UPDRAFT_NATS_SERVER") {
@@ -68,10 +75,67 @@ pub fn find_binary() -> Result<PathBuf, ServerError> {
     Err(ServerError::NotFound)
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests and local clusters).
+/// A free TCP port on 127.0.0.1 for a server this process is about to start (tests, local
+/// clusters).
+///
+/// Ports come from outside the kernel's ephemeral range (`ip_local_port_range`), so no
+/// outgoing connection can take one between this check and the server's bind, as happens
+/// with a port the kernel picked for `bind(0)`. A process walks the range from an offset
+/// seeded by its pid, so ports handed out in one process never repeat and two processes
+/// rarely meet; each candidate is checked by binding it. A clash that still happens (another
+/// process bound the port in between) shows as "address already in use" in the server's
+/// log, and [`NatsServer::start`] then tries another port.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (lo, hi) = non_ephemeral_range();
+    let span = u32::from(hi - lo) + 1;
+    // first use: start at an offset of this process's own
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = lo + u16::try_from(step).expect("step < span <= u16 range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {lo}..={hi}"),
+    ))
 }
+
+/// The larger stretch of ports at or above 10000 that lies outside the kernel's ephemeral
+/// range (Linux default: 32768-60999, leaving 10000-32767).
+fn non_ephemeral_range() -> (u16, u16) {
+    let (eph_lo, eph_hi) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(str::parse::<u16>);
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999));
+    let below = (10000, eph_lo.saturating_sub(1));
+    let above = (eph_hi.saturating_add(1), u16::MAX);
+    let len = |(a, b): (u16, u16)| b.saturating_sub(a);
+    if len(below) >= len(above) && len(below) > 0 {
+        below
+    } else if len(above) > 0 {
+        above
+    } else {
+        // the whole range is ephemeral: fall back to the upper ports and rely on the retry
+        (10000, u16::MAX)
+    }
+}
+
+/// How many times a server (or a cluster) on ports picked by [`free_port`] is started on
+/// new ports when its port was taken between the check and its bind.
+const PORT_ATTEMPTS: usize = 5;
 
 /// How to start one server.
 #[derive(Debug, Clone, Default)]
@@ -103,8 +167,26 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a single JetStream server on 127.0.0.1.
+    /// Starts a single JetStream server on 127.0.0.1. Without a port it picks one with
+    /// [`free_port`], and another one if that port was taken before the server bound it.
     pub fn start(opts: ServerOptions) -> Result<NatsServer, ServerError> {
+        if opts.port.is_some() {
+            return Self::start_once(opts);
+        }
+        let mut attempt = 1;
+        loop {
+            let opts = ServerOptions {
+                port: Some(free_port()?),
+                ..opts.clone()
+            };
+            match Self::start_once(opts) {
+                Err(e) if attempt < PORT_ATTEMPTS && e.is_port_clash() => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(opts: ServerOptions) -> Result<NatsServer, ServerError> {
         let binary = find_binary()?;
         let dir = tempfile::Builder::new().prefix("updraft-nats-").tempdir()?;
         let store = opts
@@ -175,10 +257,15 @@ impl NatsServer {
         self.wait_ready(Duration::from_secs(20))
     }
 
-    fn wait_ready(&self, within: Duration) -> Result<(), ServerError> {
+    fn wait_ready(&mut self, within: Duration) -> Result<(), ServerError> {
         let start = std::time::SystemTime::now();
         let mut ready_lines = 0;
         loop {
+            // a server that exited (a port clash, a bad config) will never be ready
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
             if let Ok(f) = fs::File::open(&self.log) {
                 ready_lines = BufReader::new(f)
                     .lines()
@@ -190,7 +277,7 @@ impl NatsServer {
             if ready_lines >= self.starts() {
                 return Ok(());
             }
-            if start.elapsed().unwrap_or_default() > within {
+            if exited || start.elapsed().unwrap_or_default() > within {
                 let text = fs::read_to_string(&self.log).unwrap_or_default();
                 let tail: String = text
                     .lines()
@@ -300,8 +387,19 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts the three servers `n0`, `n1`, `n2` of `deploy/nats/local-cluster.conf`.
+    /// Starts the three servers `n0`, `n1`, `n2` of `deploy/nats/local-cluster.conf`, all
+    /// on new ports again if one of them found its port taken.
     pub fn start() -> Result<NatsCluster, ServerError> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Err(e) if attempt < PORT_ATTEMPTS && e.is_port_clash() => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once() -> Result<NatsCluster, ServerError> {
         let n = 3;
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
@@ -346,5 +444,35 @@ impl NatsCluster {
             .map(NatsServer::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let (lo, hi) = non_ephemeral_range();
+        assert!(lo >= 10000 && lo <= hi, "range {lo}..={hi}");
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a free port")).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        for p in &ports {
+            assert!((lo..=hi).contains(p), "{p} outside {lo}..={hi}");
+        }
+        // a port handed out can really be bound
+        TcpListener::bind(("127.0.0.1", ports[0])).expect("bind the port handed out");
+    }
+
+    #[test]
+    fn a_clash_is_recognised_from_the_log() {
+        let clash = ServerError::NotReady(
+            Duration::ZERO,
+            "[FTL] Error listening on port: 127.0.0.1:46493, \"listen tcp 127.0.0.1:46493: bind: address already in use\"".into(),
+        );
+        assert!(clash.is_port_clash());
+        assert!(!ServerError::NotReady(Duration::ZERO, "[FTL] bad config".into()).is_port_clash());
+        assert!(!ServerError::NotFound.is_port_clash());
     }
 }

@@ -544,3 +544,27 @@ async fn cluster_config_is_created_once_and_adopted() {
     assert_eq!(second.value, cfg, "a running cluster keeps its config");
     assert_eq!(first.revision, second.revision);
 }
+
+#[test]
+fn a_taken_port_fails_fast_as_a_clash_and_a_picked_port_is_free() {
+    use bus::server::{NatsServer, ServerOptions, free_port};
+    // something else listens on the port: the server exits at once and says why
+    let port = free_port().unwrap();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let started = tokio::time::Instant::now();
+    let err = NatsServer::start(ServerOptions {
+        port: Some(port),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.is_port_clash(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an exited server was waited on for {:?}",
+        started.elapsed()
+    );
+    // without a port, the server gets one of its own and serves
+    let s = NatsServer::start(ServerOptions::default()).unwrap();
+    assert_ne!(s.port(), port);
+    std::net::TcpStream::connect(("127.0.0.1", s.port())).unwrap();
+}
