@@ -3,13 +3,19 @@
 //! node advertises in its own advert (which only that node may write). Dispatchers verify the
 //! claim of every record they see once per (request, token); a forged or unsigned claim is
 //! counted and undone (the request queued again for its next attempt).
+//!
+//! Checking is split in two: [`prepare`] decides everything but the signature itself (cheap,
+//! on the record watch), and [`verify`] checks the signatures of a batch of [`Pending`]
+//! claims at once (ed25519 batch verification, about half the cost of one by one), off the
+//! watch. Advertised keys are parsed once per node and key ([`Verified`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use base64::Engine;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use placement::lifecycle::{RequestRecord, claim_payload};
 use placement::wire::NodeAdvert;
-use placement::{ClaimToken, RequestId};
+use placement::{ClaimToken, NodeId, RequestId};
 
 /// What a record's claim turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,46 +32,124 @@ pub enum ClaimCheck {
     Forged(String),
 }
 
-/// Verifies `record`'s claim against `advert` (the named node's advert, when known).
-pub fn check(record: &RequestRecord, advert: Option<&NodeAdvert>) -> ClaimCheck {
-    let Some(claim) = &record.claim else {
-        return ClaimCheck::Nothing;
-    };
-    let Some(advert) = advert else {
-        return ClaimCheck::UnknownNode;
-    };
-    let Some(key) = advert.public_key.as_deref() else {
-        return ClaimCheck::Unverifiable;
-    };
-    let Some(sig) = claim.sig.as_deref() else {
-        return ClaimCheck::Forged(format!("unsigned claim naming node {}", claim.node));
-    };
-    let Ok(sig) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig) else {
-        return ClaimCheck::Forged(format!(
-            "malformed claim signature naming node {}",
-            claim.node
-        ));
-    };
-    let Ok(kp) = nkeys::KeyPair::from_public_key(key) else {
-        return ClaimCheck::Unverifiable;
-    };
-    let payload = claim_payload(&record.spec.id, record.attempt, &claim.node, claim.token);
-    match kp.verify(&payload, &sig) {
-        Ok(()) => ClaimCheck::Valid,
-        Err(_) => ClaimCheck::Forged(format!(
+/// A well-formed signed claim whose signature is still to be checked.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The request.
+    pub id: RequestId,
+    /// The node the claim names.
+    pub node: NodeId,
+    /// The claim's token.
+    pub token: ClaimToken,
+    payload: Vec<u8>,
+    sig: Signature,
+    key: VerifyingKey,
+}
+
+impl Pending {
+    /// Why a claim whose signature failed is forged.
+    pub fn forged_reason(&self) -> String {
+        format!(
             "claim signature does not verify with node {}'s key",
-            claim.node
-        )),
+            self.node
+        )
     }
 }
 
-/// Claims already verified, so a claim costs one verification, not one per state change.
+/// What [`prepare`] found.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    /// Decided without a signature check.
+    Done(ClaimCheck),
+    /// A signature to check with [`verify`].
+    Signed(Box<Pending>),
+}
+
+/// Decides `record`'s claim against `advert` (the named node's advert, when known) as far as
+/// it can without checking the signature.
+pub fn prepare(
+    record: &RequestRecord,
+    advert: Option<&NodeAdvert>,
+    keys: &mut Verified,
+) -> Prepared {
+    let Some(claim) = &record.claim else {
+        return Prepared::Done(ClaimCheck::Nothing);
+    };
+    let Some(advert) = advert else {
+        return Prepared::Done(ClaimCheck::UnknownNode);
+    };
+    let Some(key) = advert.public_key.as_deref() else {
+        return Prepared::Done(ClaimCheck::Unverifiable);
+    };
+    let Some(sig) = claim.sig.as_deref() else {
+        return Prepared::Done(ClaimCheck::Forged(format!(
+            "unsigned claim naming node {}",
+            claim.node
+        )));
+    };
+    let Some(sig) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(sig)
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+    else {
+        return Prepared::Done(ClaimCheck::Forged(format!(
+            "malformed claim signature naming node {}",
+            claim.node
+        )));
+    };
+    let Some(key) = keys.key(&claim.node, key) else {
+        return Prepared::Done(ClaimCheck::Unverifiable);
+    };
+    Prepared::Signed(Box::new(Pending {
+        id: record.spec.id.clone(),
+        node: claim.node.clone(),
+        token: claim.token,
+        payload: claim_payload(&record.spec.id, record.attempt, &claim.node, claim.token),
+        sig,
+        key,
+    }))
+}
+
+/// Checks the signatures of `batch`: true for each that verifies with its node's key. One
+/// batch verification when all are good; one by one, to find the bad ones, when not.
+pub fn verify(batch: &[Pending]) -> Vec<bool> {
+    if batch.len() > 1 {
+        let payloads: Vec<&[u8]> = batch.iter().map(|p| p.payload.as_slice()).collect();
+        let sigs: Vec<Signature> = batch.iter().map(|p| p.sig).collect();
+        let keys: Vec<VerifyingKey> = batch.iter().map(|p| p.key).collect();
+        if ed25519_dalek::verify_batch(&payloads, &sigs, &keys).is_ok() {
+            return vec![true; batch.len()];
+        }
+    }
+    batch
+        .iter()
+        .map(|p| p.key.verify(&p.payload, &p.sig).is_ok())
+        .collect()
+}
+
+/// Verifies `record`'s claim against `advert` at once ([`prepare`] then [`verify`]).
+pub fn check(record: &RequestRecord, advert: Option<&NodeAdvert>) -> ClaimCheck {
+    match prepare(record, advert, &mut Verified::default()) {
+        Prepared::Done(c) => c,
+        Prepared::Signed(p) => {
+            if verify(std::slice::from_ref(&p)) == [true] {
+                ClaimCheck::Valid
+            } else {
+                ClaimCheck::Forged(p.forged_reason())
+            }
+        }
+    }
+}
+
+/// Claims already verified (or being verified), so a claim costs one verification, not one
+/// per state change; and the nodes' parsed keys.
 #[derive(Debug, Default)]
 pub struct Verified {
     seen: HashSet<(RequestId, ClaimToken)>,
+    keys: HashMap<NodeId, (String, Option<VerifyingKey>)>,
 }
 
-/// Entries kept before the set starts over (a re-verification is only a little work).
+/// Entries kept before a set starts over (a re-verification is only a little work).
 const MAX_VERIFIED: usize = 200_000;
 
 impl Verified {
@@ -74,12 +158,35 @@ impl Verified {
         self.seen.contains(&(id.clone(), token))
     }
 
-    /// Remembers a verified claim.
+    /// Remembers a verified claim (or one handed to the verifier).
     pub fn insert(&mut self, id: RequestId, token: ClaimToken) {
         if self.seen.len() >= MAX_VERIFIED {
             self.seen.clear();
         }
         self.seen.insert((id, token));
+    }
+
+    /// Forgets a claim (its signature failed: a later sight checks it again).
+    pub fn forget(&mut self, id: &RequestId, token: ClaimToken) {
+        self.seen.remove(&(id.clone(), token));
+    }
+
+    /// The key `node` advertises as `encoded` (an nkeys public key), parsed once; None when
+    /// it is no valid key.
+    fn key(&mut self, node: &NodeId, encoded: &str) -> Option<VerifyingKey> {
+        if let Some((e, k)) = self.keys.get(node)
+            && e == encoded
+        {
+            return *k;
+        }
+        if self.keys.len() >= MAX_VERIFIED {
+            self.keys.clear();
+        }
+        let key = nkeys::from_public_key(encoded)
+            .ok()
+            .and_then(|(_, raw)| VerifyingKey::from_bytes(&raw).ok());
+        self.keys.insert(node.clone(), (encoded.to_string(), key));
+        key
     }
 }
 
@@ -107,6 +214,67 @@ mod tests {
                 Timestamp(1),
             )
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn pending(r: &RequestRecord, advert: &NodeAdvert, keys: &mut Verified) -> Pending {
+        match prepare(r, Some(advert), keys) {
+            Prepared::Signed(p) => *p,
+            other => panic!("expected a signature to check, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_singles_out_its_forged_claims() {
+        let kp = nkeys::KeyPair::new_user();
+        let node = NodeId::new("n1").unwrap_or_else(|e| panic!("{e}"));
+        let advert = crate::view::tests_support::advert(&node, Some(kp.public_key()));
+        let mut keys = Verified::default();
+        let other = nkeys::KeyPair::new_user();
+        let batch: Vec<Pending> = (0..20)
+            .map(|i| {
+                let r = crate::view::tests_support::record(&format!("req-{i}"));
+                let signer = if i == 7 || i == 13 { &other } else { &kp };
+                pending(&signed(&r, signer, &node), &advert, &mut keys)
+            })
+            .collect();
+        let ok = verify(&batch);
+        let bad: Vec<usize> = ok
+            .iter()
+            .enumerate()
+            .filter(|(_, ok)| !**ok)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(bad, vec![7, 13]);
+        // all good: one batch verification says so
+        let good: Vec<Pending> = batch
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 7 && *i != 13)
+            .map(|(_, p)| p)
+            .collect();
+        assert!(verify(&good).iter().all(|ok| *ok));
+        assert!(verify(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_node_that_changes_its_key_is_checked_with_the_new_one() {
+        let node = NodeId::new("n1").unwrap_or_else(|e| panic!("{e}"));
+        let (old, new) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+        let mut keys = Verified::default();
+        let r = crate::view::tests_support::record("req-a");
+        let by_new = signed(&r, &new, &node);
+        let old_advert = crate::view::tests_support::advert(&node, Some(old.public_key()));
+        let p = pending(&by_new, &old_advert, &mut keys);
+        assert_eq!(verify(&[p]), vec![false], "the cached old key refuses it");
+        let new_advert = crate::view::tests_support::advert(&node, Some(new.public_key()));
+        let p = pending(&by_new, &new_advert, &mut keys);
+        assert_eq!(verify(&[p]), vec![true]);
+        // a key that does not parse: the claim cannot be checked
+        let junk = crate::view::tests_support::advert(&node, Some("UNOTAKEY".into()));
+        assert!(matches!(
+            prepare(&by_new, Some(&junk), &mut keys),
+            Prepared::Done(ClaimCheck::Unverifiable)
+        ));
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub async fn start(
         "topology ready"
     );
     let (changes, _) = broadcast::channel(4096);
+    let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(reactor::VERIFY_QUEUE);
     let d = Arc::new(Dispatcher {
         view: RwLock::new(View::new(cfg.recent_finished)),
         cluster: RwLock::new(cluster),
@@ -152,6 +153,7 @@ pub async fn start(
         changes,
         hinted: Mutex::new(HashSet::new()),
         verified: Mutex::new(claims::Verified::default()),
+        verify_tx,
         flags: Mutex::new(BTreeMap::new()),
         demand_sent: Mutex::new(BTreeMap::new()),
         prometheus,
@@ -159,6 +161,7 @@ pub async fn start(
         tasks: TaskTracker::new(),
         cfg,
     });
+    d.tasks.spawn(d.clone().verify_loop(verify_rx));
     d.tasks.spawn(d.clone().record_loop());
     d.tasks.spawn(d.clone().node_loop());
     d.tasks.spawn(d.clone().cluster_loop());

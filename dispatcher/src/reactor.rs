@@ -12,12 +12,19 @@ use bus::nodes::NodeEvent;
 use bus::records::RecordEvent;
 use futures::StreamExt;
 use placement::lifecycle::{RequestRecord, State, TransitionError};
-use placement::{Epoch, Lane, NodeId};
+use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId};
+use tokio::sync::mpsc;
 
-use crate::claims::ClaimCheck;
+use crate::claims::{self, ClaimCheck, Pending, Prepared};
 use crate::metrics as m;
 use crate::service::Dispatcher;
 use crate::view::Applied;
+
+/// Signatures verified at once at most (batch verification gains little past this).
+const VERIFY_BATCH: usize = 64;
+
+/// Signed claims waiting for the verifier before the record watch waits for it.
+pub const VERIFY_QUEUE: usize = 65_536;
 
 impl Dispatcher {
     /// Follows the requests bucket.
@@ -67,48 +74,108 @@ impl Dispatcher {
         }
     }
 
-    /// Verifies a record's claim once per claim; undoes a forged one.
+    /// Checks a record's claim once per claim: what needs no signature check is decided
+    /// here, a signature goes to the verifier ([`Dispatcher::verify_loop`]) and the record's
+    /// reactions go on meanwhile (a forged claim is undone when the verifier finds it).
+    /// False when the claim is forged already by its form.
     async fn check_claim(&self, r: &RequestRecord) -> bool {
         let Some(claim) = &r.claim else { return true };
-        if self
-            .verified
-            .lock()
-            .expect("verified lock")
-            .contains(&r.spec.id, claim.token)
-        {
-            return true;
+        let prepared = {
+            let view = self.view();
+            let mut verified = self.verified.lock().expect("verified lock");
+            if verified.contains(&r.spec.id, claim.token) {
+                return true;
+            }
+            let prepared = claims::prepare(r, view.adverts().get(&claim.node), &mut verified);
+            if matches!(
+                prepared,
+                Prepared::Signed(_) | Prepared::Done(ClaimCheck::Valid | ClaimCheck::Unverifiable)
+            ) {
+                verified.insert(r.spec.id.clone(), claim.token);
+            }
+            prepared
+        };
+        match prepared {
+            Prepared::Signed(p) => {
+                if self.verify_tx.send(*p).await.is_err() {
+                    tracing::debug!(request.id = %r.spec.id, "verifier stopped; shutting down");
+                }
+                true
+            }
+            // UnknownNode: not advertised (yet); the sweep reaps claims of nodes without a lease
+            Prepared::Done(
+                ClaimCheck::Valid
+                | ClaimCheck::Unverifiable
+                | ClaimCheck::UnknownNode
+                | ClaimCheck::Nothing,
+            ) => true,
+            Prepared::Done(ClaimCheck::Forged(why)) => {
+                self.undo_forged(&r.spec.id, &claim.node, claim.token, &why)
+                    .await;
+                false
+            }
         }
-        let advert = self.view().adverts().get(&claim.node).cloned();
-        match crate::claims::check(r, advert.as_ref()) {
-            ClaimCheck::Valid | ClaimCheck::Unverifiable => {
+    }
+
+    /// Verifies the signatures the record watch hands over, as many at once as have queued
+    /// up (batch verification), on the blocking pool; undoes the forged ones.
+    pub async fn verify_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Pending>) {
+        loop {
+            let first = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < VERIFY_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let checked = tokio::task::spawn_blocking(move || {
+                let ok = claims::verify(&batch);
+                (batch, ok)
+            })
+            .await;
+            let (batch, ok) = match checked {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "claim verification panicked");
+                    continue;
+                }
+            };
+            for p in batch.iter().zip(ok).filter(|(_, ok)| !ok).map(|(p, _)| p) {
                 self.verified
                     .lock()
                     .expect("verified lock")
-                    .insert(r.spec.id.clone(), claim.token);
-                true
-            }
-            // not advertised (yet): the sweep reaps claims of nodes without a lease
-            ClaimCheck::UnknownNode | ClaimCheck::Nothing => true,
-            ClaimCheck::Forged(why) => {
-                metrics::counter!(m::HOSTILE, "kind" => "forged_claim").increment(1);
-                tracing::warn!(request.id = %r.spec.id, node.id = %claim.node, reason = %why, "forged claim; undoing it");
-                let max = self.cluster().max_attempts;
-                let token = claim.token;
-                let now = common::clock::now();
-                let reason = format!("{why}: refused");
-                let res = self
-                    .bus
-                    .records
-                    .update(&r.spec.id, |cur| match &cur.claim {
-                        Some(c) if c.token == token => cur.refuse_forged(&reason, max, now),
-                        _ => Err(TransitionError::NotStale),
-                    })
+                    .forget(&p.id, p.token);
+                self.undo_forged(&p.id, &p.node, p.token, &p.forged_reason())
                     .await;
-                if let Err(e) = res {
-                    tracing::debug!(request.id = %r.spec.id, error = %e, "forged claim already undone");
-                }
-                false
             }
+        }
+    }
+
+    /// Counts a forged claim and undoes it: the request is queued again for its next
+    /// attempt, if the record still carries that claim.
+    async fn undo_forged(&self, id: &RequestId, node: &NodeId, token: ClaimToken, why: &str) {
+        metrics::counter!(m::HOSTILE, "kind" => "forged_claim").increment(1);
+        tracing::warn!(request.id = %id, node.id = %node, reason = %why, "forged claim; undoing it");
+        let max = self.cluster().max_attempts;
+        let now = common::clock::now();
+        let reason = format!("{why}: refused");
+        let res = self
+            .bus
+            .records
+            .update(id, |cur| match &cur.claim {
+                Some(c) if c.token == token => cur.refuse_forged(&reason, max, now),
+                _ => Err(TransitionError::NotStale),
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::debug!(request.id = %id, error = %e, "forged claim already undone");
         }
     }
 

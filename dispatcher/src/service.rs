@@ -43,8 +43,10 @@ pub struct Dispatcher {
     pub changes: broadcast::Sender<Arc<Versioned<RequestRecord>>>,
     /// (request, attempt) pairs whose hint this dispatcher published.
     pub hinted: Mutex<HashSet<(RequestId, u32)>>,
-    /// Claims whose signature this dispatcher verified.
+    /// Claims whose signature this dispatcher verified (or handed to the verifier).
     pub verified: Mutex<crate::claims::Verified>,
+    /// Signed claims to the verifier ([`Dispatcher::verify_loop`]).
+    pub verify_tx: tokio::sync::mpsc::Sender<crate::claims::Pending>,
     /// Demand last written per zone (when, what).
     pub demand_sent:
         Mutex<BTreeMap<placement::Zone, (Timestamp, Vec<placement::wire::DemandEntry>)>>,

@@ -3,20 +3,20 @@
 //! of a dead or restarted node, a delete command never sent) and keeps one backlog flag per
 //! class.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::Versioned;
 use futures::StreamExt;
 use placement::explain::explain;
-use placement::lifecycle::{RequestRecord, State, TransitionError};
+use placement::lifecycle::{Claim, RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
 use placement::takers::{draws_in, eligible_draws, settle_takers};
 use placement::wire::{
     BacklogFlag, ClassDemand, CommandKind, DemandEntry, NodeCommand, TimerKind, WIRE_VERSION,
 };
-use placement::{Lane, RequestId, Timestamp};
+use placement::{Epoch, Lane, RequestId, Timestamp};
 
 use crate::metrics as m;
 use crate::service::Dispatcher;
@@ -256,10 +256,17 @@ impl Dispatcher {
         }
     }
 
-    /// One pass over every open request, then the flags and gauges.
+    /// One pass over the requests that wait (queued, deleting) and the nodes that hold
+    /// claims, then the flags and gauges. Running VMs are not walked: reaping goes by node.
     pub async fn sweep(&self, checked: &mut HashMap<RequestId, Timestamp>) {
         let now = common::clock::now();
-        let open: Vec<Versioned<RequestRecord>> = self.view().open().cloned().collect();
+        let waiting: Vec<Versioned<RequestRecord>> = {
+            let view = self.view();
+            view.in_state(State::Queued)
+                .chain(view.in_state(State::Deleting))
+                .cloned()
+                .collect()
+        };
         let spill_after = |size: u8| {
             self.cluster
                 .read()
@@ -267,11 +274,15 @@ impl Dispatcher {
                 .shard_map
                 .spill_after(size)
         };
-        checked.retain(|id, _| {
-            open.iter()
-                .any(|v| &v.value.spec.id == id && v.value.state == State::Queued)
-        });
-        for v in open {
+        {
+            let queued: HashSet<&RequestId> = waiting
+                .iter()
+                .filter(|v| v.value.state == State::Queued)
+                .map(|v| &v.value.spec.id)
+                .collect();
+            checked.retain(|id, _| queued.contains(id));
+        }
+        for v in waiting {
             let r = &v.value;
             match r.state {
                 State::Queued => {
@@ -323,44 +334,62 @@ impl Dispatcher {
                         }
                     }
                 }
-                State::Claimed | State::Building | State::Active => self.maybe_reap(r, now).await,
                 _ => {}
             }
+        }
+        for (id, claim, live) in self.stale_claims(now) {
+            self.reap_claim(&id, &claim, live, now).await;
         }
         self.sweep_flags(now).await;
         self.publish_demand(now).await;
         self.gauges(now);
     }
 
-    async fn maybe_reap(&self, r: &RequestRecord, now: Timestamp) {
-        let Some(claim) = &r.claim else { return };
-        let advert = self
-            .view()
-            .adverts()
-            .get(&claim.node)
-            .map(|a| (a.epoch, a.started_at));
-        let live = match advert {
-            None => None,
-            Some((epoch, started))
-                if epoch > claim.epoch && now.since(started) >= self.cfg.reap_grace =>
-            {
-                Some(epoch)
+    /// Claims (claimed, building, active) the sweep reaps: those of nodes without a lease,
+    /// and those of an earlier epoch than the node's advert once the node has had
+    /// `reap_grace` to re-confirm them. Each claim comes with the node's live epoch (None:
+    /// no lease). The walk is per node; only the claims of such nodes are looked at.
+    fn stale_claims(&self, now: Timestamp) -> Vec<(RequestId, Claim, Option<Epoch>)> {
+        let view = self.view();
+        let mut out = Vec::new();
+        for (node, ids) in view.holders() {
+            let live = match view.adverts().get(node) {
+                None => None,
+                Some(a) if now.since(a.started_at) >= self.cfg.reap_grace => Some(a.epoch),
+                Some(_) => continue,
+            };
+            for id in ids {
+                let Some(r) = view.get(id).map(|v| &v.value) else {
+                    continue;
+                };
+                if !matches!(r.state, State::Claimed | State::Building | State::Active) {
+                    continue;
+                }
+                if let Some(c) = r
+                    .claim
+                    .as_ref()
+                    .filter(|c| live.is_none_or(|e| e > c.epoch))
+                {
+                    out.push((id.clone(), c.clone(), live));
+                }
             }
-            Some(_) => return,
-        };
+        }
+        out
+    }
+
+    async fn reap_claim(&self, id: &RequestId, claim: &Claim, live: Option<Epoch>, now: Timestamp) {
         let max = self.cluster().max_attempts;
-        let c = claim.clone();
         let res = self
             .bus
             .records
-            .update(&r.spec.id, |cur| match &cur.claim {
-                Some(cc) if cc.same(&c) => cur.reap(live, max, now),
+            .update(id, |cur| match &cur.claim {
+                Some(cc) if cc.same(claim) => cur.reap(live, max, now),
                 _ => Err(TransitionError::NotStale),
             })
             .await;
         if res.is_ok() {
             metrics::counter!(m::SWEEP, "action" => "reap").increment(1);
-            tracing::warn!(request.id = %r.spec.id, node.id = %claim.node, "stale claim reaped by the sweep");
+            tracing::warn!(request.id = %id, node.id = %claim.node, "stale claim reaped by the sweep");
         }
     }
 

@@ -2,7 +2,7 @@
 //! an index of open claims per node, so reaping never scans every record), recent finished
 //! ones, node adverts, and rolling placement statistics. Pure: the watch loops feed it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bus::Versioned;
@@ -50,6 +50,9 @@ pub struct View {
     finished: VecDeque<RequestRecord>,
     finished_cap: usize,
     by_node: HashMap<NodeId, BTreeSet<RequestId>>,
+    /// Open requests by state, so the sweep and the counts look only at the requests they
+    /// concern (the queued ones, not every running VM).
+    by_state: HashMap<State, HashSet<RequestId>>,
     adverts: BTreeMap<NodeId, NodeAdvert>,
     /// Distinct node shapes (zone, traits, capacity) and how many nodes have each: admission
     /// looks at these, not at every node.
@@ -172,8 +175,11 @@ impl View {
                 p.value.spilled,
             )
         });
-        if let Some((_, _, Some(node), _)) = &prev {
-            self.unindex(node, &id);
+        if let Some((state, _, node, _)) = &prev {
+            if let Some(node) = node {
+                self.unindex(node, &id);
+            }
+            self.unindex_state(*state, &id);
         }
         let applied = Applied {
             before: prev.as_ref().map(|p| p.0),
@@ -197,6 +203,7 @@ impl View {
                     .or_default()
                     .insert(id.clone());
             }
+            self.by_state.entry(r.state).or_default().insert(id.clone());
             self.open.insert(id, v);
         }
         applied
@@ -255,14 +262,25 @@ impl View {
         }
     }
 
+    fn unindex_state(&mut self, state: State, id: &RequestId) {
+        if let Some(set) = self.by_state.get_mut(&state) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_state.remove(&state);
+            }
+        }
+    }
+
     /// A key vanished from KV (a finished record expired).
     pub fn remove(&mut self, key: &str) {
         if let Ok(id) = RequestId::new(key)
             && let Some(v) = self.open.remove(&id)
-            && let Some(n) = v.value.node()
         {
-            let n = n.clone();
-            self.unindex(&n, &id);
+            self.unindex_state(v.value.state, &id);
+            if let Some(n) = v.value.node() {
+                let n = n.clone();
+                self.unindex(&n, &id);
+            }
         }
     }
 
@@ -333,6 +351,20 @@ impl View {
         self.finished.iter()
     }
 
+    /// Open requests in `state`.
+    pub fn in_state(&self, state: State) -> impl Iterator<Item = &Versioned<RequestRecord>> {
+        self.by_state
+            .get(&state)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.open.get(id))
+    }
+
+    /// Nodes that hold open requests, with the requests each holds.
+    pub fn holders(&self) -> impl Iterator<Item = (&NodeId, &BTreeSet<RequestId>)> {
+        self.by_node.iter()
+    }
+
     /// Open requests a node holds.
     pub fn claims_of(&self, node: &NodeId) -> Vec<RequestId> {
         self.by_node
@@ -343,21 +375,16 @@ impl View {
 
     /// Counts of open requests by state.
     pub fn counts(&self) -> BTreeMap<State, usize> {
-        let mut m = BTreeMap::new();
-        for v in self.open.values() {
-            *m.entry(v.value.state).or_insert(0) += 1;
-        }
-        m
+        self.by_state
+            .iter()
+            .map(|(s, ids)| (*s, ids.len()))
+            .collect()
     }
 
     /// For each class with queued requests: how many, and when the oldest entered its queue.
     pub fn queued_by_class(&self) -> BTreeMap<ClassKey, ClassQueue> {
         let mut m: BTreeMap<ClassKey, ClassQueue> = BTreeMap::new();
-        for v in self
-            .open
-            .values()
-            .filter(|v| v.value.state == State::Queued)
-        {
+        for v in self.in_state(State::Queued) {
             let r = &v.value;
             let e = m.entry(r.shard.class()).or_insert_with(|| ClassQueue {
                 count: 0,
@@ -535,6 +562,61 @@ mod tests {
         assert!(view.get(&r.spec.id).is_none());
         assert_eq!(view.finished().count(), 1);
         assert!(view.placement_rate(Timestamp(2000)) > 0.0);
+    }
+
+    /// The state index agrees with the open records themselves.
+    fn assert_state_index(view: &View) {
+        let mut brute: BTreeMap<State, BTreeSet<RequestId>> = BTreeMap::new();
+        for r in view.open().map(|v| &v.value) {
+            brute.entry(r.state).or_default().insert(r.spec.id.clone());
+        }
+        let counts: BTreeMap<State, usize> = brute.iter().map(|(s, ids)| (*s, ids.len())).collect();
+        assert_eq!(view.counts(), counts);
+        for (state, ids) in &brute {
+            let indexed: BTreeSet<RequestId> = view
+                .in_state(*state)
+                .map(|v| v.value.spec.id.clone())
+                .collect();
+            assert_eq!(&indexed, ids, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn the_state_index_follows_every_change() {
+        let mut view = View::new(10);
+        view.caught_up = true;
+        let c = Claim {
+            node: NodeId::new("n1").unwrap(),
+            epoch: Epoch(1),
+            token: ClaimToken(1),
+            at: Timestamp(1100),
+            sig: None,
+        };
+        let mut rev = 0;
+        let mut step = |view: &mut View, r: &RequestRecord| {
+            rev += 1;
+            view.apply(v(r.clone(), rev), Timestamp(1000 + rev));
+            assert_state_index(view);
+        };
+        let a = rec("a");
+        let b = rec("b");
+        step(&mut view, &a);
+        step(&mut view, &b);
+        let claimed = a.claim(1, c.clone(), Timestamp(1100)).unwrap();
+        step(&mut view, &claimed);
+        let building = claimed.start_build(&c, Timestamp(1200)).unwrap();
+        step(&mut view, &building);
+        let active = building.activate(&c, Timestamp(1300)).unwrap();
+        step(&mut view, &active);
+        assert_eq!(view.in_state(State::Queued).count(), 1, "b waits");
+        let (deleting, _) = active.request_delete(Timestamp(1400));
+        step(&mut view, &deleting);
+        step(&mut view, &deleting.deleted(&c, Timestamp(1500)).unwrap());
+        assert!(view.in_state(State::Deleting).next().is_none());
+        // a key that vanished from KV leaves the index too
+        view.remove("b");
+        assert_state_index(&view);
+        assert!(view.counts().is_empty());
     }
 
     #[test]
