@@ -49,6 +49,9 @@ struct Cli {
     /// Skip the 3-server R3 runs.
     #[arg(long)]
     no_cluster: bool,
+    /// Only this run (repeatable): for profiling one of them.
+    #[arg(long, value_enum)]
+    only: Vec<Run>,
     /// Only the throughput run, with these pull settings (experiments): per-class pulls.
     #[arg(long)]
     per_class: Option<usize>,
@@ -61,6 +64,28 @@ struct Cli {
     /// The test guest for the libvirt run (default: the setup script's `.tools/guest`).
     #[arg(long)]
     guest_dir: Option<std::path::PathBuf>,
+}
+
+/// The runs of a bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Run {
+    /// As fast as accepted, with the raw work-queue rate.
+    Throughput,
+    /// At `--rate` for `--rate-secs`.
+    Rate,
+    /// Cost per placement at K=10 and K=`--scale-agents`.
+    Scale,
+    /// Idle load of `--scale-agents` agents.
+    Idle,
+    /// The throughput run on a 3-server R3 cluster.
+    Cluster,
+}
+
+impl Cli {
+    fn runs(&self, run: Run) -> bool {
+        (self.only.is_empty() || self.only.contains(&run))
+            && !(run == Run::Cluster && self.no_cluster)
+    }
 }
 
 fn pct(v: &[u64], q: f64) -> u64 {
@@ -210,85 +235,93 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let (t, raw) = throughput(false, cli.agents, &node, &opts).await?;
-    eprintln!("throughput: {t:?} raw {raw:.0}/s");
-    lines.push(row(
-        &format!(
-            "1 server, {} req, K={} (as fast as accepted)",
-            cli.requests, cli.agents
-        ),
-        &t,
-    ));
-    notes.push(format!(
-        "throughput run: {} placed in {:.1} s",
-        t.placed, t.secs
-    ));
-    notes.push(format!("raw JetStream work-queue rate on the same server (publish → fetch → ack, batch 1, {} workers): {raw:.0} msg/s; updraft end to end: {:.0} placements/s = {:.0}% of raw", cli.agents, t.rate, 100.0 * t.rate / raw));
-    notes.push(format!(
-        "stored writes per placement by where they go: {}",
-        t.stored_by_group
-            .iter()
-            .map(|(g, v)| format!("{g} {v:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let rate_opts = PlaceOpts {
-        requests: rate_requests,
-        concurrency: cli.concurrency,
-        rate: Some(cli.rate),
-        prefix: "r".into(),
-    };
-    let c = Cluster::start(false, cli.agents, node.clone()).await?;
-    let r = place::run(&c, &node, &rate_opts).await?;
-    c.stop().await;
-    eprintln!("rate: {r:?}");
-    lines.push(row(
-        &format!(
-            "1 server, {:.0} req/s for {} s, K={}",
-            cli.rate, cli.rate_secs, cli.agents
-        ),
-        &r,
-    ));
-    let scale_opts = PlaceOpts {
-        requests: cli.scale_requests,
-        concurrency: cli.concurrency,
-        rate: Some(cli.rate),
-        prefix: "s".into(),
-    };
-    let small = Cluster::start(false, 10, node.clone()).await?;
-    let s10 = place::run(&small, &node, &scale_opts).await?;
-    small.stop().await;
-    let big = Cluster::start(false, cli.scale_agents, node.clone()).await?;
-    let sk = place::run(&big, &node, &scale_opts).await?;
-    big.stop().await;
-    eprintln!("scale: {s10:?} {sk:?}");
-    lines.push(row(
-        &format!(
-            "1 server, {} req at {:.0}/s, K=10",
-            cli.scale_requests, cli.rate
-        ),
-        &s10,
-    ));
-    lines.push(row(
-        &format!(
-            "1 server, {} req at {:.0}/s, K={}",
-            cli.scale_requests, cli.rate, cli.scale_agents
-        ),
-        &sk,
-    ));
-    notes.push(format!(
-        "cost per placement at K={} vs K=10: broker CPU {:.2}×, NATS messages {:.2}×, stored writes {:.2}×",
-        cli.scale_agents,
-        sk.cpu / s10.cpu.max(1e-9),
-        sk.messages / s10.messages.max(1e-9),
-        sk.stored / s10.stored.max(1e-9)
-    ));
-    let (idle_cpu, idle_msgs) = idle(cli.scale_agents, cli.idle_secs, &node).await?;
-    notes.push(format!(
-        "idle load per 1,000 idle agents (heartbeats, pull re-issues): {:.1}% of one broker core, {idle_msgs:.0} NATS messages/s",
-        idle_cpu * 100.0
-    ));
-    if !cli.no_cluster {
+    if cli.runs(Run::Throughput) {
+        let (t, raw) = throughput(false, cli.agents, &node, &opts).await?;
+        eprintln!("throughput: {t:?} raw {raw:.0}/s");
+        lines.push(row(
+            &format!(
+                "1 server, {} req, K={} (as fast as accepted)",
+                cli.requests, cli.agents
+            ),
+            &t,
+        ));
+        notes.push(format!(
+            "throughput run: {} placed in {:.1} s",
+            t.placed, t.secs
+        ));
+        notes.push(format!("raw JetStream work-queue rate on the same server (publish → fetch → ack, batch 1, {} workers): {raw:.0} msg/s; updraft end to end: {:.0} placements/s = {:.0}% of raw", cli.agents, t.rate, 100.0 * t.rate / raw));
+        notes.push(format!(
+            "stored writes per placement by where they go: {}",
+            t.stored_by_group
+                .iter()
+                .map(|(g, v)| format!("{g} {v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if cli.runs(Run::Rate) {
+        let rate_opts = PlaceOpts {
+            requests: rate_requests,
+            concurrency: cli.concurrency,
+            rate: Some(cli.rate),
+            prefix: "r".into(),
+        };
+        let c = Cluster::start(false, cli.agents, node.clone()).await?;
+        let r = place::run(&c, &node, &rate_opts).await?;
+        c.stop().await;
+        eprintln!("rate: {r:?}");
+        lines.push(row(
+            &format!(
+                "1 server, {:.0} req/s for {} s, K={}",
+                cli.rate, cli.rate_secs, cli.agents
+            ),
+            &r,
+        ));
+    }
+    if cli.runs(Run::Scale) {
+        let scale_opts = PlaceOpts {
+            requests: cli.scale_requests,
+            concurrency: cli.concurrency,
+            rate: Some(cli.rate),
+            prefix: "s".into(),
+        };
+        let small = Cluster::start(false, 10, node.clone()).await?;
+        let s10 = place::run(&small, &node, &scale_opts).await?;
+        small.stop().await;
+        let big = Cluster::start(false, cli.scale_agents, node.clone()).await?;
+        let sk = place::run(&big, &node, &scale_opts).await?;
+        big.stop().await;
+        eprintln!("scale: {s10:?} {sk:?}");
+        lines.push(row(
+            &format!(
+                "1 server, {} req at {:.0}/s, K=10",
+                cli.scale_requests, cli.rate
+            ),
+            &s10,
+        ));
+        lines.push(row(
+            &format!(
+                "1 server, {} req at {:.0}/s, K={}",
+                cli.scale_requests, cli.rate, cli.scale_agents
+            ),
+            &sk,
+        ));
+        notes.push(format!(
+            "cost per placement at K={} vs K=10: broker CPU {:.2}×, NATS messages {:.2}×, stored writes {:.2}×",
+            cli.scale_agents,
+            sk.cpu / s10.cpu.max(1e-9),
+            sk.messages / s10.messages.max(1e-9),
+            sk.stored / s10.stored.max(1e-9)
+        ));
+    }
+    if cli.runs(Run::Idle) {
+        let (idle_cpu, idle_msgs) = idle(cli.scale_agents, cli.idle_secs, &node).await?;
+        notes.push(format!(
+            "idle load per 1,000 idle agents (heartbeats, pull re-issues): {:.1}% of one broker core, {idle_msgs:.0} NATS messages/s",
+            idle_cpu * 100.0
+        ));
+    }
+    if cli.runs(Run::Cluster) {
         let opts = PlaceOpts {
             requests: cli.requests / 2,
             concurrency: cli.concurrency,
