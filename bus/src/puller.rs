@@ -1,7 +1,9 @@
-//! A node's outstanding pulls. Each pull asks one shard lane's consumer for one message, with
-//! the node's fitness bucket as its priority in the lane's priority group, on its own inbox.
+//! A node's outstanding pulls. Each pull asks one shard lane's consumer for up to `batch`
+//! messages, with the node's fitness bucket as its priority in the lane's priority group, on
+//! its own inbox. The server serves a waiting pull until it has all it asked for before it
+//! turns to the next one of the same or a worse priority.
 //!
-//! A pull ends in one of four ways: a message arrives; the server expires it (status 408) or
+//! A pull ends in one of four ways: its last message arrives; the server expires it (status 408) or
 //! refuses it (409: max waiting, leadership change...); no answer came by its local deadline
 //! (lost in a reconnect); or the node cancels it. Cancelling unsubscribes the inbox: the server
 //! drops a waiting pull whose reply subject has no interest left, so a node can re-plan its
@@ -36,6 +38,9 @@ pub struct PullSpec {
     pub lane: Lane,
     /// Priority (0 first).
     pub priority: u8,
+    /// Messages asked for (at most the consumer's `max_batch`,
+    /// [`placement::pull::MAX_PULL_BATCH`]).
+    pub batch: u32,
     /// Lifetime at the server.
     pub expiry: Duration,
 }
@@ -60,14 +65,15 @@ pub enum PullEnd {
 #[derive(Debug)]
 pub enum PullEvent {
     /// A message arrived; `pull` is the pull it answered, `None` when that pull had been
-    /// cancelled meanwhile (the delivery is real all the same and must be handled).
+    /// cancelled meanwhile (the delivery is real all the same and must be handled). A pull
+    /// for several messages reports each; after its last it is over (no `Ended`).
     Delivered {
         /// The pull it answered.
         pull: Option<PullId>,
         /// The message.
         delivery: Box<Delivery>,
     },
-    /// A pull ended without a message (never sent for a cancelled pull).
+    /// A pull ended before it brought all it asked for (never sent for a cancelled pull).
     Ended {
         /// The pull.
         pull: PullId,
@@ -181,7 +187,7 @@ impl Puller {
         )
     }
 
-    /// Issues one pull (subscribes its inbox, sends the request).
+    /// Issues one pull (subscribes its inbox, sends the request for `spec.batch` messages).
     pub async fn issue(&self, spec: &PullSpec) -> Result<(), BusError> {
         let stream = shard_stream(&spec.shard);
         let consumer = shard_consumer(&spec.shard, spec.lane);
@@ -192,7 +198,8 @@ impl Puller {
             .await
             .map_err(|e| BusError::nats(format!("pull inbox for {consumer}"), e))?;
         let expires_ns = u64::try_from(spec.expiry.as_nanos()).unwrap_or(u64::MAX);
-        let body = serde_json::json!({ "batch": 1, "expires": expires_ns, "group": PRIORITY_GROUP, "priority": spec.priority });
+        let batch = spec.batch.max(1);
+        let body = serde_json::json!({ "batch": batch, "expires": expires_ns, "group": PRIORITY_GROUP, "priority": spec.priority });
         self.client
             .publish_with_reply(
                 pull_request_subject(&stream, &consumer),
@@ -213,6 +220,7 @@ impl Puller {
         let deadline = tokio::time::sleep(spec.expiry + LOCAL_GRACE);
         tokio::spawn(async move {
             tokio::pin!(deadline);
+            let mut left = batch;
             let ended = loop {
                 tokio::select! {
                     m = sub.next() => match m {
@@ -222,11 +230,23 @@ impl Puller {
                             Some(408) => break Some(PullEnd::Expired),
                             Some(code) => break Some(PullEnd::Refused { code, description: m.description.clone().unwrap_or_default() }),
                             None => {
-                                if let Some(d) = delivery(&client, m) {
-                                    cancels.lock().expect("cancels lock").remove(&pull);
-                                    let _ = events.send(PullEvent::Delivered { pull: Some(pull), delivery: Box::new(d) }).await;
+                                let Some(d) = delivery(&client, m) else { continue };
+                                left -= 1;
+                                // the pull's own message only while it was not cancelled (a
+                                // cancelled pull's credit went back already)
+                                let live = {
+                                    let mut c = cancels.lock().expect("cancels lock");
+                                    let live = c.contains_key(&pull);
+                                    if live && left == 0 {
+                                        c.remove(&pull);
+                                    }
+                                    live
+                                };
+                                let _ = events.send(PullEvent::Delivered { pull: live.then_some(pull), delivery: Box::new(d) }).await;
+                                // (cancelled: the cancel branch drains the rest)
+                                if left == 0 {
+                                    break None;
                                 }
-                                break None;
                             }
                         },
                     },

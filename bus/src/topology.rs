@@ -252,7 +252,7 @@ impl Bus {
                     max_deliver: -1,
                     max_waiting: cfg.max_waiting,
                     max_ack_pending: cfg.max_ack_pending,
-                    max_batch: 16,
+                    max_batch: i64::from(placement::pull::MAX_PULL_BATCH),
                     max_expires: cfg.max_pull_expiry,
                     priority_policy: PriorityPolicy::Prioritized,
                     priority_groups: vec![PRIORITY_GROUP.to_string()],

@@ -330,6 +330,7 @@ async fn pulls_are_served_by_priority_and_expire() {
         shard: r.shard.clone(),
         lane: Lane::Fit,
         priority,
+        batch: 1,
         expiry: Duration::from_secs(2),
     };
     // the emptier node asks first with a worse priority; the fuller node asks later, better
@@ -386,6 +387,7 @@ async fn nak_hands_back_to_another_puller() {
         shard: r.shard.clone(),
         lane: Lane::Fit,
         priority: 0,
+        batch: 1,
         expiry: Duration::from_secs(3),
     };
     p1.issue(&spec(1)).await.unwrap();
@@ -421,6 +423,7 @@ async fn cancelled_pulls_stop_competing() {
         shard: r.shard.clone(),
         lane: Lane::Fit,
         priority,
+        batch: 1,
         expiry: Duration::from_secs(5),
     };
     // the better pull is cancelled: the message must go to the worse one, at once
@@ -449,6 +452,120 @@ async fn cancelled_pulls_stop_competing() {
         "a cancelled pull reports nothing"
     );
     assert_eq!(p1.outstanding(), 0);
+}
+
+/// Receives deliveries from `events` until `n` arrived or `within` passed: (pull, request id).
+async fn deliveries(
+    events: &mut tokio::sync::mpsc::Receiver<PullEvent>,
+    n: usize,
+    within: Duration,
+) -> Vec<(Option<PullId>, RequestId)> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(PullEvent::Delivered { pull, delivery })) => {
+                let h: Hint = decode(&delivery.payload).unwrap();
+                delivery.ack().await.unwrap();
+                out.push((pull, h.id));
+            }
+            Ok(Some(PullEvent::Ended { .. })) => {}
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last() {
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let cfg = bus::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
+    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
+    let (best, mut e_best) = Puller::new(c1);
+    let (worse, mut e_worse) = Puller::new(c2);
+    // six requests of one shard
+    let first = record("burst-0");
+    let burst: Vec<RequestRecord> = (0..200)
+        .map(|i| record(&format!("burst-{i}")))
+        .filter(|r| r.shard == first.shard)
+        .take(6)
+        .collect();
+    assert_eq!(burst.len(), 6);
+    let pull = |id: u64, priority: u8, batch: u32| PullSpec {
+        pull: PullId(id),
+        shard: first.shard.clone(),
+        lane: Lane::Fit,
+        priority,
+        batch,
+        expiry: Duration::from_secs(5),
+    };
+    // the worse pull asks first, the better one later: priority decides, then the batch
+    worse.issue(&pull(2, 5, 4)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    best.issue(&pull(1, 1, 4)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for r in &burst {
+        b.hints
+            .publish(r, None, Lane::Fit, Timestamp(1))
+            .await
+            .unwrap();
+    }
+    let got_best = deliveries(&mut e_best, 4, Duration::from_secs(3)).await;
+    let got_worse = deliveries(&mut e_worse, 2, Duration::from_secs(3)).await;
+    let ids =
+        |g: &[(Option<PullId>, RequestId)]| g.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
+    let want: Vec<RequestId> = burst.iter().map(|r| r.spec.id.clone()).collect();
+    assert_eq!(
+        ids(&got_best),
+        want[..4],
+        "the best pull takes its four first, in order"
+    );
+    assert_eq!(
+        ids(&got_worse),
+        want[4..],
+        "the rest goes to the worse pull"
+    );
+    assert!(got_best.iter().all(|(p, _)| *p == Some(PullId(1))));
+    assert!(got_worse.iter().all(|(p, _)| *p == Some(PullId(2))));
+    // the best pull is over after its fourth message; the worse one still waits for two
+    assert_eq!(best.outstanding(), 0);
+    assert_eq!(worse.outstanding(), 1);
+    // cancelled with two to go: nothing more is reported for it, and a new message goes to
+    // a new pull
+    assert!(worse.cancel(PullId(2)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    best.issue(&pull(3, 9, 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let late = record("late");
+    let late = RequestRecord {
+        shard: first.shard.clone(),
+        ..late
+    };
+    b.hints
+        .publish(&late, None, Lane::Fit, Timestamp(1))
+        .await
+        .unwrap();
+    let got = deliveries(&mut e_best, 1, Duration::from_secs(3)).await;
+    assert_eq!(got, vec![(Some(PullId(3)), late.spec.id.clone())]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), e_worse.recv())
+            .await
+            .is_err(),
+        "a cancelled pull reports nothing"
+    );
+    // the one left waiting for a second message expires: its end is reported
+    match tokio::time::timeout(Duration::from_secs(9), e_best.recv()).await {
+        Ok(Some(PullEvent::Ended { pull, why })) => {
+            assert_eq!((pull, why), (PullId(3), PullEnd::Expired));
+        }
+        other => panic!("expected the partly served pull to expire, got {other:?}"),
+    }
 }
 
 #[tokio::test]

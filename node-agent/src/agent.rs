@@ -77,8 +77,10 @@ pub struct Inner {
     pub holding: Option<String>,
     /// Recent demand per class in this node's zone.
     pub demand: Vec<placement::wire::DemandEntry>,
-    /// Outstanding pulls: shard, lane and the priority they were issued with.
-    pub pulls: BTreeMap<PullId, (ShardId, Lane, u8)>,
+    /// Outstanding pulls: shard, lane, the priority they were issued with, and how many
+    /// messages each still waits for (the ledger also holds the credit of messages that
+    /// arrived and are being dealt with).
+    pub pulls: BTreeMap<PullId, (ShardId, Lane, u8, u32)>,
     /// Next pull id.
     pub next_pull: u64,
     /// Requests held, by id.
@@ -244,32 +246,46 @@ impl Agent {
             let held: Vec<_> = inner
                 .pulls
                 .iter()
-                .map(|(id, (shard, lane, priority))| (*id, shard.clone(), *lane, *priority))
+                .map(|(id, (shard, lane, priority, left))| {
+                    (*id, shard.clone(), *lane, *priority, *left)
+                })
                 .collect();
             let PullDiff {
                 cancel,
                 issue: desired,
             } = diff_pulls(plan.pulls, &held, priority_tolerance(self.cfg.pull.policy));
             for id in cancel {
-                inner.pulls.remove(&id);
-                inner.ledger.return_credit(id);
+                if let Some((_, _, _, left)) = inner.pulls.remove(&id) {
+                    inner.ledger.return_units(id, left);
+                }
                 self.puller.cancel(id);
             }
             let mut specs = Vec::with_capacity(desired.len());
             for intent in desired {
                 inner.next_pull += 1;
                 let id = PullId(inner.next_pull);
-                if inner.ledger.take_credit(id, &intent.credit).is_err() {
+                if inner
+                    .ledger
+                    .take_credit(id, &intent.credit, intent.batch)
+                    .is_err()
+                {
                     continue; // a late delivery took some spare meanwhile; the next plan adjusts
                 }
-                inner
-                    .pulls
-                    .insert(id, (intent.shard.clone(), intent.lane, intent.priority));
+                inner.pulls.insert(
+                    id,
+                    (
+                        intent.shard.clone(),
+                        intent.lane,
+                        intent.priority,
+                        intent.batch,
+                    ),
+                );
                 specs.push(PullSpec {
                     pull: id,
                     shard: intent.shard,
                     lane: intent.lane,
                     priority: intent.priority,
+                    batch: intent.batch,
                     expiry: self.cfg.pull.expiry,
                 });
             }
@@ -321,15 +337,24 @@ impl Agent {
                     }
                     metrics::counter!(m::PULLS_ENDED, "why" => label).increment(1);
                     {
+                        // what it still waited for will not come; what it brought is being
+                        // dealt with and keeps its credit until then
                         let mut inner = self.lock();
-                        inner.pulls.remove(&pull);
-                        inner.ledger.return_credit(pull);
+                        if let Some((_, _, _, left)) = inner.pulls.remove(&pull) {
+                            inner.ledger.return_units(pull, left);
+                        }
                     }
                     self.replan.notify_one();
                 }
                 PullEvent::Delivered { pull, delivery } => {
                     if let Some(p) = pull {
-                        self.lock().pulls.remove(&p);
+                        let mut inner = self.lock();
+                        if let Some((_, _, _, left)) = inner.pulls.get_mut(&p) {
+                            *left = left.saturating_sub(1);
+                            if *left == 0 {
+                                inner.pulls.remove(&p);
+                            }
+                        }
                     }
                     let me = self.clone();
                     self.tasks

@@ -24,9 +24,10 @@ use crate::decide::{Verdict, judge};
 use crate::metrics as m;
 
 impl Agent {
+    /// The credit of one message of `pull` (this one, dealt with without a claim) goes back.
     fn give_back_credit(&self, pull: Option<PullId>) {
         if let Some(p) = pull {
-            self.lock().ledger.return_credit(p);
+            self.lock().ledger.return_unit(p);
         }
         self.replan.notify_one();
     }

@@ -69,7 +69,7 @@ fn ledger(c: &mut Criterion) {
     });
     c.bench_function("ledger credit take+reserve_from_pull+release", |b| {
         b.iter(|| {
-            l.take_credit(PullId(1), black_box(&r)).expect("fits");
+            l.take_credit(PullId(1), black_box(&r), 1).expect("fits");
             l.reserve_from_pull(PullId(1), black_box(&id), &r, None)
                 .expect("fits");
             black_box(l.release(&id));

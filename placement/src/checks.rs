@@ -92,9 +92,9 @@ impl Rejection {
             LedgerError::Insufficient(s) => Rejection::insufficient(&s.dim),
             LedgerError::AntiAffinity(_) => Rejection::AntiAffinity,
             LedgerError::Conflict(_) => Rejection::Conflict,
-            LedgerError::DuplicatePull(_) | LedgerError::Arithmetic(_) => {
-                Rejection::InsufficientMemory
-            }
+            LedgerError::DuplicatePull(_)
+            | LedgerError::EmptyPull(_)
+            | LedgerError::Arithmetic(_) => Rejection::InsufficientMemory,
         }
     }
 }

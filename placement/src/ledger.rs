@@ -1,7 +1,8 @@
 //! A node's authoritative ledger: what it has, what it has promised, and to whom.
 //!
 //! Three things draw on capacity: allocations (claimed or running VMs, by request id), pull
-//! credit (the class bound each outstanding pull holds, DESIGN.md "Pull credit"), and foreign
+//! credit (the class bound each outstanding pull holds for each message it may still bring,
+//! DESIGN.md "Pull credit"), and foreign
 //! usage (domains the agent does not own). Reserving never takes the sum past capacity; only
 //! adopting what already runs, or a capacity that shrank, can, and that marks the node
 //! overcommitted.
@@ -55,9 +56,22 @@ pub enum LedgerError {
     /// The pull id is already holding credit.
     #[error("pull {0:?} already holds credit")]
     DuplicatePull(PullId),
+    /// A pull for no message at all.
+    #[error("pull {0:?} asks for no message")]
+    EmptyPull(PullId),
     /// Arithmetic left the representable range.
     #[error(transparent)]
     Arithmetic(#[from] ResourceError),
+}
+
+/// The credit one outstanding pull holds: `per` for each of the `units` messages it may still
+/// bring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullCredit {
+    /// Credit per message (the class bound of a full-fit pull).
+    pub per: Resources,
+    /// Messages it may still bring.
+    pub units: u32,
 }
 
 /// The ledger itself.
@@ -71,7 +85,7 @@ pub struct NodeLedger {
     credits: Resources,
     foreign: Resources,
     allocations: BTreeMap<RequestId, Allocation>,
-    pulls: BTreeMap<PullId, Resources>,
+    pulls: BTreeMap<PullId, PullCredit>,
     groups: BTreeMap<GroupName, u32>,
 }
 
@@ -180,8 +194,13 @@ impl NodeLedger {
     }
 
     /// Outstanding pulls and their credit.
-    pub fn pulls(&self) -> impl Iterator<Item = (&PullId, &Resources)> {
+    pub fn pulls(&self) -> impl Iterator<Item = (&PullId, &PullCredit)> {
         self.pulls.iter()
+    }
+
+    /// Messages `pull` may still bring (0 when it holds no credit).
+    pub fn pull_units(&self, pull: PullId) -> u32 {
+        self.pulls.get(&pull).map_or(0, |c| c.units)
     }
 
     /// How many members of `group` run here.
@@ -216,9 +235,9 @@ impl NodeLedger {
         Ok(Reserved::New)
     }
 
-    /// Turns the credit of `pull` into an allocation for `id`: the credit is returned first,
-    /// then the reserve is attempted, in one step. The credit stays returned either way (the
-    /// pull is spent once its message arrived).
+    /// Turns one message's credit of `pull` into an allocation for `id`: that unit is
+    /// returned first, then the reserve is attempted, in one step. The unit stays returned
+    /// either way (it is spent once its message arrived); the pull's other units stay held.
     pub fn reserve_from_pull(
         &mut self,
         pull: PullId,
@@ -226,7 +245,7 @@ impl NodeLedger {
         res: &Resources,
         group: Option<&ServerGroup>,
     ) -> Result<Reserved, LedgerError> {
-        self.return_credit(pull);
+        self.return_unit(pull);
         self.reserve(id, res, group)
     }
 
@@ -245,24 +264,66 @@ impl NodeLedger {
         Some(a)
     }
 
-    /// Holds `amount` of credit for an outstanding pull; refused when it does not fit spare.
-    pub fn take_credit(&mut self, pull: PullId, amount: &Resources) -> Result<(), LedgerError> {
+    /// Holds `per` of credit for each of the `units` messages an outstanding pull may bring;
+    /// refused when the whole does not fit spare (or `units` is 0).
+    pub fn take_credit(
+        &mut self,
+        pull: PullId,
+        per: &Resources,
+        units: u32,
+    ) -> Result<(), LedgerError> {
         if self.pulls.contains_key(&pull) {
             return Err(LedgerError::DuplicatePull(pull));
         }
+        if units == 0 {
+            return Err(LedgerError::EmptyPull(pull));
+        }
+        let amount = per.checked_mul(units)?;
         amount
             .fits_within(&self.spare())
             .map_err(LedgerError::Insufficient)?;
-        self.credits.add_assign_checked(amount)?;
-        self.pulls.insert(pull, amount.clone());
+        self.credits.add_assign_checked(&amount)?;
+        self.pulls.insert(
+            pull,
+            PullCredit {
+                per: per.clone(),
+                units,
+            },
+        );
         Ok(())
     }
 
-    /// Returns the credit of a pull that expired or was served; harmless when already returned.
+    /// Returns one message's credit of `pull` (a message it brought was dealt with); the pull
+    /// is gone once it holds none. Harmless when it holds none already.
+    pub fn return_unit(&mut self, pull: PullId) -> Option<Resources> {
+        self.return_units(pull, 1)
+    }
+
+    /// Returns the credit of `n` of `pull`'s messages (at most what it holds): those it will
+    /// not bring after all (it ended or was cancelled with them still waiting), while the
+    /// messages it brought keep theirs until dealt with. Returns the credit given back.
+    pub fn return_units(&mut self, pull: PullId, n: u32) -> Option<Resources> {
+        let c = self.pulls.get_mut(&pull)?;
+        let n = n.min(c.units);
+        let back = c.per.checked_mul(n).ok()?;
+        c.units -= n;
+        if c.units == 0 {
+            self.pulls.remove(&pull);
+        }
+        self.credits = self.credits.saturating_sub(&back);
+        Some(back)
+    }
+
+    /// Returns all credit `pull` still holds (it expired, ended or was cancelled); harmless
+    /// when already returned.
     pub fn return_credit(&mut self, pull: PullId) -> Option<Resources> {
         let c = self.pulls.remove(&pull)?;
-        self.credits = self.credits.saturating_sub(&c);
-        Some(c)
+        let all = c
+            .per
+            .checked_mul(c.units)
+            .unwrap_or_else(|_| self.credits.clone());
+        self.credits = self.credits.saturating_sub(&all);
+        Some(all)
     }
 
     /// Returns all credit (the node stops pulling: fence, cordon, disconnect).
@@ -398,17 +459,64 @@ mod tests {
     #[test]
     fn credit_holds_capacity_until_returned_or_spent() {
         let mut l = ledger();
-        l.take_credit(PullId(1), &Resources::new(2, 4096, 50))
+        l.take_credit(PullId(1), &Resources::new(2, 4096, 50), 1)
             .unwrap();
         assert_eq!(l.spare(), Resources::new(2, 4096, 50));
-        assert!(l.take_credit(PullId(1), &Resources::new(1, 1, 1)).is_err());
-        assert!(l.take_credit(PullId(2), &Resources::new(3, 1, 1)).is_err());
+        assert!(
+            l.take_credit(PullId(1), &Resources::new(1, 1, 1), 1)
+                .is_err()
+        );
+        assert!(
+            l.take_credit(PullId(2), &Resources::new(3, 1, 1), 1)
+                .is_err()
+        );
+        assert_eq!(
+            l.take_credit(PullId(3), &Resources::new(1, 1, 1), 0),
+            Err(LedgerError::EmptyPull(PullId(3)))
+        );
         // the message arrived: credit turns into an allocation no larger than it
         l.reserve_from_pull(PullId(1), &id("x"), &Resources::new(1, 2048, 10), None)
             .unwrap();
         assert_eq!(l.credits(), &Resources::default());
         assert_eq!(l.spare(), Resources::new(3, 6144, 90));
         assert!(l.return_credit(PullId(1)).is_none());
+    }
+
+    #[test]
+    fn a_pull_for_several_messages_holds_credit_for_each_until_each_is_dealt_with() {
+        let mut l = ledger();
+        let per = Resources::new(1, 1024, 10);
+        // room for 4 of them (capacity 4 vCPU / 8 GiB / 100 GiB)
+        assert!(l.take_credit(PullId(1), &per, 5).is_err(), "5 do not fit");
+        l.take_credit(PullId(1), &per, 3).unwrap();
+        assert_eq!(l.credits(), &per.checked_mul(3).unwrap());
+        assert_eq!(l.pull_units(PullId(1)), 3);
+        // one message claimed, one stale: two units spent, the third still held
+        l.reserve_from_pull(PullId(1), &id("x"), &per, None)
+            .unwrap();
+        assert_eq!(l.return_unit(PullId(1)), Some(per.clone()));
+        assert_eq!(l.pull_units(PullId(1)), 1);
+        assert_eq!(l.credits(), &per);
+        // two more, one arrived: the pull is cancelled with one still waiting
+        l.take_credit(PullId(2), &per, 2).unwrap();
+        assert_eq!(l.return_units(PullId(2), 1), Some(per.clone()));
+        assert_eq!(
+            l.pull_units(PullId(2)),
+            1,
+            "the arrived one keeps its credit"
+        );
+        assert_eq!(
+            l.return_units(PullId(2), 5),
+            Some(per.clone()),
+            "at most what it holds"
+        );
+        assert_eq!(l.pull_units(PullId(2)), 0);
+        // the pull expires: what it still holds comes back, once
+        assert_eq!(l.return_credit(PullId(1)), Some(per.clone()));
+        assert_eq!(l.return_credit(PullId(1)), None);
+        assert_eq!(l.return_unit(PullId(1)), None);
+        assert_eq!(l.credits(), &Resources::default());
+        assert_eq!(l.spare(), Resources::new(3, 7168, 90));
     }
 
     #[test]

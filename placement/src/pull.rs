@@ -38,6 +38,8 @@ pub const DEFAULT_MAX_PULLS: usize = 32;
 pub const DEFAULT_OPEN_TIERS: u8 = 4;
 /// Default cap on pulls one node keeps on one class's fit lane.
 pub const DEFAULT_PER_CLASS: usize = 8;
+/// Most messages one pull asks for (the shard consumers' `max_batch`).
+pub const MAX_PULL_BATCH: u32 = 16;
 /// Default share of an exclusive node (a GPU host) it lends to backed-up `std` work.
 pub const DEFAULT_OVERFLOW_SHARE: f64 = 0.5;
 
@@ -66,7 +68,7 @@ pub struct PullConfig {
     pub policy: Policy,
     /// Credit order.
     pub order: PullOrder,
-    /// Most pulls outstanding at once.
+    /// Most messages pulled for at once (over all outstanding pulls).
     pub max_pulls: usize,
     /// Most pulls a node in use keeps on one class's fit lane under pack (more absorb bursts:
     /// the best-fitting node keeps winning while it still fits). Spread and random keep one.
@@ -114,18 +116,25 @@ pub struct NodeProfile {
     pub traits: Vec<TraitName>,
 }
 
-/// A pull the node should issue: take `credit` from the ledger, then pull one message from
-/// `shard`'s `lane` with `priority`.
+/// A pull the node should issue: take `credit` from the ledger for each of `batch` messages,
+/// then pull up to `batch` messages from `shard`'s `lane` with `priority`.
+///
+/// One pull for several messages, not several pulls for one each: the server serves a waiting
+/// pull until it has all it asked for before it turns to the next one of the same or a worse
+/// priority, so the best-fitting node takes a burst as far as it fits instead of the burst
+/// spreading over every waiting pull, and a node re-pulls once per several messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullIntent {
     /// Shard.
     pub shard: ShardId,
     /// Lane.
     pub lane: Lane,
-    /// Credit to hold while the pull is outstanding.
+    /// Credit to hold for each message while the pull is outstanding.
     pub credit: Resources,
     /// Priority (fitness bucket), 0 first.
     pub priority: u8,
+    /// Messages asked for (1 to [`MAX_PULL_BATCH`]).
+    pub batch: u32,
 }
 
 /// The plan: pulls to add, and the guard's decision (for logs and metrics).
@@ -148,7 +157,8 @@ pub struct PlanInput<'a> {
     /// Plan as if no credit were held (a node re-planning its whole pull set, whose current
     /// pulls are the ones it may keep or cancel).
     pub ignore_credit: bool,
-    /// (shard, lane) pairs already outstanding (counted against the per-class cap).
+    /// (shard, lane) of each message the node's outstanding pulls still ask for (counted
+    /// against the per-class cap and `max_pulls`).
     pub outstanding: &'a [(ShardId, Lane)],
     /// Current backlog flags (any zone; the planner filters).
     pub backlog: &'a [BacklogFlag],
@@ -349,8 +359,30 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             lane: c.lane,
             credit: c.credit,
             priority,
+            batch: 1,
         });
         slots -= 1;
+    }
+    out.pulls = coalesce(out.pulls);
+    out
+}
+
+/// Merges pulls for one message each on the same lane, with the same credit and priority,
+/// into pulls for several (at most [`MAX_PULL_BATCH`]), in the order each first appears.
+fn coalesce(units: Vec<PullIntent>) -> Vec<PullIntent> {
+    let mut out: Vec<PullIntent> = Vec::with_capacity(units.len());
+    for u in units {
+        let same = out.iter_mut().find(|p| {
+            p.batch < MAX_PULL_BATCH
+                && p.lane == u.lane
+                && p.priority == u.priority
+                && p.shard == u.shard
+                && p.credit == u.credit
+        });
+        match same {
+            Some(p) => p.batch += u.batch,
+            None => out.push(u),
+        }
     }
     out
 }
@@ -377,27 +409,55 @@ pub fn priority_tolerance(policy: Policy) -> u8 {
 }
 
 /// Diffs a fresh plan (made with `ignore_credit`, as if nothing were held) against the pulls
-/// outstanding: an outstanding pull that the plan still wants on the same shard and lane,
-/// with a priority at most `tolerance` buckets away ([`priority_tolerance`]), is kept; the
-/// rest is cancelled, and what the plan wants beyond the kept pulls is issued.
+/// outstanding, each given as (id, shard, lane, priority, messages it still waits for). For
+/// each planned pull, the outstanding pulls on the same shard and lane with a priority at most
+/// `tolerance` buckets away ([`priority_tolerance`]) are kept while their messages fit in the
+/// plan's (the rest are cancelled), and when they wait for fewer than half of the plan's, one
+/// pull for the difference is issued: a node re-pulls once per several deliveries, not after
+/// each. Outstanding pulls the plan does not want are cancelled.
 pub fn diff_pulls<K: Copy, S: std::borrow::Borrow<ShardId>>(
     desired: Vec<PullIntent>,
-    held: &[(K, S, Lane, u8)],
+    held: &[(K, S, Lane, u8, u32)],
     tolerance: u8,
 ) -> PullDiff<K> {
-    let mut issue = desired;
+    let mut used = vec![false; held.len()];
     let mut cancel = Vec::new();
-    for (id, shard, lane, priority) in held {
-        let shard: &ShardId = shard.borrow();
-        match issue.iter().position(|d| {
-            d.lane == *lane && d.priority.abs_diff(*priority) <= tolerance && &d.shard == shard
-        }) {
-            Some(i) => {
-                issue.remove(i);
+    let mut issue = Vec::new();
+    for d in desired {
+        let mut matching: Vec<usize> = (0..held.len())
+            .filter(|&i| {
+                let (_, shard, lane, priority, _) = &held[i];
+                !used[i]
+                    && *lane == d.lane
+                    && priority.abs_diff(d.priority) <= tolerance
+                    && shard.borrow() == &d.shard
+            })
+            .collect();
+        // keep the pulls that wait for the most first, as long as they fit the plan
+        matching.sort_by_key(|&i| std::cmp::Reverse(held[i].4));
+        let mut kept: u32 = 0;
+        for i in matching {
+            used[i] = true;
+            let units = held[i].4;
+            if kept.saturating_add(units) <= d.batch {
+                kept += units;
+            } else {
+                cancel.push(held[i].0);
             }
-            None => cancel.push(*id),
+        }
+        if kept.saturating_mul(2) < d.batch {
+            issue.push(PullIntent {
+                batch: d.batch - kept,
+                ..d
+            });
         }
     }
+    cancel.extend(
+        held.iter()
+            .zip(&used)
+            .filter(|(_, u)| !**u)
+            .map(|(h, _)| h.0),
+    );
     PullDiff { cancel, issue }
 }
 
@@ -529,11 +589,15 @@ mod tests {
         assert!(!p.pulls.is_empty());
         for (i, intent) in p.pulls.iter().enumerate() {
             ledger
-                .take_credit(PullId(i as u64), &intent.credit)
+                .take_credit(PullId(i as u64), &intent.credit, intent.batch)
                 .expect("plan spends only spare");
         }
         // nothing more fits
-        let outstanding: Vec<_> = p.pulls.iter().map(|i| (i.shard.clone(), i.lane)).collect();
+        let outstanding: Vec<_> = p
+            .pulls
+            .iter()
+            .flat_map(|i| (0..i.batch).map(|_| (i.shard.clone(), i.lane)))
+            .collect();
         let again = plan(&node, &map, &ledger, &outstanding, &[], &cfg);
         for intent in &again.pulls {
             assert!(intent.credit.fits(&ledger.spare()));
@@ -645,16 +709,19 @@ mod tests {
             &[],
             &cfg(),
         );
-        let same = |pp: &PullPlan| {
+        // messages asked for on the first lane
+        let same = |pp: &PullPlan| -> usize {
             pp.pulls
                 .iter()
                 .filter(|i| (i.shard.clone(), i.lane) == first)
-                .count()
+                .map(|i| i.batch as usize)
+                .sum()
         };
-        assert_eq!(same(&p), DEFAULT_PER_CLASS.min(same(&p)).max(1));
-        assert!(
-            same(&p2) < DEFAULT_PER_CLASS,
-            "outstanding pulls count against the per-class cap"
+        assert!(same(&p) >= 1 && same(&p) <= DEFAULT_PER_CLASS);
+        assert_eq!(
+            same(&p2),
+            same(&p) - 1,
+            "an outstanding message counts against the per-class cap"
         );
         let one = PullConfig {
             per_class: 1,
@@ -673,7 +740,12 @@ mod tests {
             max_pulls: 3,
             ..cfg()
         };
-        assert_eq!(plan(&node, &map, &ledger, &[], &[], &capped).pulls.len(), 3);
+        let units: u32 = plan(&node, &map, &ledger, &[], &[], &capped)
+            .pulls
+            .iter()
+            .map(|i| i.batch)
+            .sum();
+        assert_eq!(units, 3, "max_pulls caps the messages asked for");
     }
 
     #[test]
@@ -815,5 +887,126 @@ mod tests {
         }
         assert!(by_tier[..4].iter().all(|n| *n > 20), "{by_tier:?}");
         assert!(joined_late > 100);
+    }
+
+    #[test]
+    fn a_node_in_use_asks_for_several_messages_in_one_pull_per_lane() {
+        let (node, map, mut ledger) = setup(512);
+        // in use: a small allocation
+        ledger
+            .reserve(
+                &crate::ids::RequestId::new("r").unwrap(),
+                &Resources::new(1, 1024, 10),
+                None,
+            )
+            .unwrap();
+        let p = plan(&node, &map, &ledger, &[], &[], &cfg());
+        let mut lanes = std::collections::BTreeSet::new();
+        for i in &p.pulls {
+            assert!(
+                lanes.insert((i.shard.clone(), i.lane, i.priority)),
+                "one pull per lane and priority: {:?}",
+                p.pulls
+            );
+            assert!(i.batch >= 1 && i.batch <= MAX_PULL_BATCH);
+            assert!(i.batch as usize <= DEFAULT_PER_CLASS);
+        }
+        assert!(
+            p.pulls.iter().any(|i| i.batch > 1),
+            "classes with room for many are pulled several at a time: {:?}",
+            p.pulls
+        );
+        let units: u32 = p.pulls.iter().map(|i| i.batch).sum();
+        assert!(
+            units as usize <= DEFAULT_MAX_PULLS,
+            "the cap counts messages: {units}"
+        );
+        // the credit of the whole plan fits spare
+        for (k, i) in p.pulls.iter().enumerate() {
+            ledger
+                .take_credit(PullId(k as u64), &i.credit, i.batch)
+                .expect("the plan spends only spare");
+        }
+    }
+
+    #[test]
+    fn pulls_merge_up_to_the_batch_cap() {
+        let (node, map, _) = setup(64);
+        let shard = ShardId {
+            zone: node.zone.clone(),
+            tclass: ShardMap::std_class(),
+            size: 0,
+            part: map.node_partition(node.id.as_str(), 0),
+        };
+        let unit = |priority: u8| PullIntent {
+            shard: shard.clone(),
+            lane: Lane::Fit,
+            credit: Resources::new(1, 512, 1),
+            priority,
+            batch: 1,
+        };
+        let mut units: Vec<PullIntent> = (0..20).map(|_| unit(2)).collect();
+        units.insert(3, unit(5));
+        let merged = coalesce(units);
+        let batches: Vec<(u8, u32)> = merged.iter().map(|p| (p.priority, p.batch)).collect();
+        assert_eq!(
+            batches,
+            vec![(2, MAX_PULL_BATCH), (5, 1), (2, 20 - MAX_PULL_BATCH)]
+        );
+    }
+
+    #[test]
+    fn diff_keeps_what_fits_the_plan_and_refills_below_half() {
+        let (node, map, _) = setup(64);
+        let shard = |size: u8| ShardId {
+            zone: node.zone.clone(),
+            tclass: ShardMap::std_class(),
+            size,
+            part: map.node_partition(node.id.as_str(), size),
+        };
+        let want = |size: u8, priority: u8, batch: u32| PullIntent {
+            shard: shard(size),
+            lane: Lane::Fit,
+            credit: Resources::new(1, 512, 1),
+            priority,
+            batch,
+        };
+        let held = |id: u32, size: u8, priority: u8, left: u32| {
+            (id, shard(size), Lane::Fit, priority, left)
+        };
+        let diff = |d: Vec<PullIntent>, h: &[(u32, ShardId, Lane, u8, u32)]| {
+            let PullDiff { cancel, issue } = diff_pulls(d, h, 1);
+            let issued: Vec<(u8, u32)> = issue.iter().map(|i| (i.shard.size, i.batch)).collect();
+            (cancel, issued)
+        };
+        // all there, or at least half: nothing to do
+        assert_eq!(
+            diff(vec![want(1, 2, 8)], &[held(1, 1, 2, 8)]),
+            (vec![], vec![])
+        );
+        assert_eq!(
+            diff(vec![want(1, 2, 8)], &[held(1, 1, 3, 4)]),
+            (vec![], vec![])
+        );
+        // fewer than half: one pull for the difference
+        assert_eq!(
+            diff(vec![want(1, 2, 8)], &[held(1, 1, 2, 3)]),
+            (vec![], vec![(1, 5)])
+        );
+        assert_eq!(diff(vec![want(1, 2, 1)], &[]), (vec![], vec![(1, 1)]));
+        // more than the plan wants (the node filled up): what does not fit is cancelled
+        assert_eq!(
+            diff(vec![want(1, 2, 8)], &[held(1, 1, 2, 6), held(2, 1, 2, 3)]),
+            (vec![2], vec![])
+        );
+        assert_eq!(
+            diff(vec![want(1, 2, 2)], &[held(1, 1, 2, 5)]),
+            (vec![1], vec![(1, 2)])
+        );
+        // another priority (past the tolerance), another class, or not wanted: cancelled
+        assert_eq!(
+            diff(vec![want(1, 2, 4)], &[held(1, 1, 5, 4), held(2, 3, 2, 4)]),
+            (vec![1, 2], vec![(1, 4)])
+        );
     }
 }

@@ -168,6 +168,33 @@ impl Resources {
         self.extended.get(name).copied().unwrap_or(0)
     }
 
+    /// Every dimension times `n`; an error names the dimension that overflowed.
+    pub fn checked_mul(&self, n: u32) -> Result<Resources, ResourceError> {
+        let wide = u64::from(n);
+        let mut extended = Extended::new();
+        for (name, v) in &self.extended {
+            let m = v
+                .checked_mul(wide)
+                .ok_or_else(|| ResourceError::Overflow(Dim::Extended(name.clone())))?;
+            extended.insert(name.clone(), m);
+        }
+        Ok(Resources {
+            vcpus: self
+                .vcpus
+                .checked_mul(n)
+                .ok_or(ResourceError::Overflow(Dim::Vcpus))?,
+            memory_mib: self
+                .memory_mib
+                .checked_mul(wide)
+                .ok_or(ResourceError::Overflow(Dim::Memory))?,
+            disk_gib: self
+                .disk_gib
+                .checked_mul(wide)
+                .ok_or(ResourceError::Overflow(Dim::Disk))?,
+            extended,
+        })
+    }
+
     /// Component-wise sum; an error names the dimension that overflowed.
     pub fn checked_add(&self, other: &Resources) -> Result<Resources, ResourceError> {
         let mut out = self.clone();

@@ -28,7 +28,9 @@ fn res(max_cpu: u32, max_mem: u64, max_disk: u64) -> impl Strategy<Value = Resou
 enum LedgerOp {
     Reserve(u8, Resources),
     Release(u8),
-    TakeCredit(u8, Resources),
+    TakeCredit(u8, Resources, u32),
+    ReturnUnit(u8),
+    ReturnUnits(u8, u32),
     ReturnCredit(u8),
     FromPull(u8, u8, Resources),
     ReturnAll,
@@ -38,7 +40,9 @@ fn ledger_op() -> impl Strategy<Value = LedgerOp> {
     prop_oneof![
         (0u8..16, res(40, 70_000, 600)).prop_map(|(i, r)| LedgerOp::Reserve(i, r)),
         (0u8..16).prop_map(LedgerOp::Release),
-        (0u8..8, res(40, 70_000, 600)).prop_map(|(i, r)| LedgerOp::TakeCredit(i, r)),
+        (0u8..8, res(20, 35_000, 300), 0u32..5).prop_map(|(i, r, n)| LedgerOp::TakeCredit(i, r, n)),
+        (0u8..8).prop_map(LedgerOp::ReturnUnit),
+        (0u8..8, 0u32..6).prop_map(|(p, n)| LedgerOp::ReturnUnits(p, n)),
         (0u8..8).prop_map(LedgerOp::ReturnCredit),
         (0u8..8, 0u8..16, res(40, 70_000, 600)).prop_map(|(p, i, r)| LedgerOp::FromPull(p, i, r)),
         Just(LedgerOp::ReturnAll),
@@ -60,9 +64,30 @@ proptest! {
             match op {
                 LedgerOp::Reserve(i, r) => { let _ = l.reserve(&rid(i), &r, None); }
                 LedgerOp::Release(i) => { l.release(&rid(i)); }
-                LedgerOp::TakeCredit(p, r) => { let _ = l.take_credit(PullId(u64::from(p)), &r); }
+                LedgerOp::TakeCredit(p, r, n) => {
+                    let before = l.credits().clone();
+                    if l.take_credit(PullId(u64::from(p)), &r, n).is_ok() {
+                        prop_assert_eq!(l.credits(), &before.checked_add(&r.checked_mul(n).unwrap()).unwrap());
+                        prop_assert_eq!(l.pull_units(PullId(u64::from(p))), n);
+                    }
+                }
+                LedgerOp::ReturnUnit(p) => {
+                    let units = l.pull_units(PullId(u64::from(p)));
+                    l.return_unit(PullId(u64::from(p)));
+                    prop_assert_eq!(l.pull_units(PullId(u64::from(p))), units.saturating_sub(1));
+                }
+                LedgerOp::ReturnUnits(p, n) => {
+                    let units = l.pull_units(PullId(u64::from(p)));
+                    l.return_units(PullId(u64::from(p)), n);
+                    prop_assert_eq!(l.pull_units(PullId(u64::from(p))), units.saturating_sub(n));
+                }
                 LedgerOp::ReturnCredit(p) => { l.return_credit(PullId(u64::from(p))); }
-                LedgerOp::FromPull(p, i, r) => { let _ = l.reserve_from_pull(PullId(u64::from(p)), &rid(i), &r, None); }
+                LedgerOp::FromPull(p, i, r) => {
+                    // spends one unit whether or not the reserve succeeds
+                    let units = l.pull_units(PullId(u64::from(p)));
+                    let _ = l.reserve_from_pull(PullId(u64::from(p)), &rid(i), &r, None);
+                    prop_assert_eq!(l.pull_units(PullId(u64::from(p))), units.saturating_sub(1));
+                }
                 LedgerOp::ReturnAll => { l.return_all_credit(); }
             }
             let used = l.allocated().checked_add(l.credits()).unwrap();
@@ -73,7 +98,10 @@ proptest! {
             for (_, a) in l.allocations() { sum = sum.checked_add(&a.resources).unwrap(); }
             prop_assert_eq!(&sum, l.allocated());
             let mut credit = Resources::default();
-            for (_, c) in l.pulls() { credit = credit.checked_add(c).unwrap(); }
+            for (_, c) in l.pulls() {
+                prop_assert!(c.units > 0, "a pull with no unit left holds no credit");
+                credit = credit.checked_add(&c.per.checked_mul(c.units).unwrap()).unwrap();
+            }
             prop_assert_eq!(&credit, l.credits());
         }
     }

@@ -128,12 +128,15 @@ struct Common {
     /// updraft: node deaths per node per hour.
     #[arg(long, default_value_t = 0.0)]
     node_death_rate: f64,
-    /// updraft: pulls per class on a used node (pack).
+    /// updraft: messages one used node pulls for per class (pack).
     #[arg(long)]
     per_class: Option<usize>,
     /// updraft: tiers empty nodes open in (pack).
     #[arg(long)]
     open_tiers: Option<u8>,
+    /// updraft: most messages one node pulls for at once (`max_pulls`).
+    #[arg(long)]
+    max_pulls: Option<usize>,
     /// updraft: share of eligible nodes holding back for a starving class (0 disables).
     #[arg(long)]
     guard_share: Option<f64>,
@@ -214,6 +217,9 @@ impl Common {
         };
         if let Some(p) = self.per_class {
             pull.per_class = p;
+        }
+        if let Some(m) = self.max_pulls {
+            pull.max_pulls = m;
         }
         if let Some(t) = self.open_tiers {
             pull.open_tiers = t;

@@ -177,7 +177,8 @@ struct LaneQ {
 struct NodeSim {
     profile: NodeProfile,
     ledger: NodeLedger,
-    pulls: BTreeMap<u64, (u32, u8)>,
+    /// Outstanding pulls: lane, priority, and messages each still waits for.
+    pulls: BTreeMap<u64, (u32, u8, u32)>,
     next_pull: u64,
     alive: bool,
     vms: u32,
@@ -324,10 +325,10 @@ impl Sim<'_> {
             now: Timestamp(now),
         };
         let plan = plan_pulls(&input, &mut node.rng);
-        let held: Vec<(u64, &ShardId, Lane, u8)> = node
+        let held: Vec<(u64, &ShardId, Lane, u8, u32)> = node
             .pulls
             .iter()
-            .map(|(id, (lane, prio))| {
+            .map(|(id, (lane, prio, left))| {
                 let s = &self.shards[(*lane / 2) as usize];
                 (
                     *id,
@@ -338,6 +339,7 @@ impl Sim<'_> {
                         Lane::Fit
                     },
                     *prio,
+                    *left,
                 )
             })
             .collect();
@@ -348,8 +350,9 @@ impl Sim<'_> {
         );
         for id in cancel {
             let node = &mut self.nodes[n as usize];
-            if let Some((lane, _)) = node.pulls.remove(&id) {
-                node.ledger.return_credit(PullId(id));
+            if let Some((lane, _, left)) = node.pulls.remove(&id) {
+                // messages it brought keep their credit until dealt with
+                node.ledger.return_units(PullId(id), left);
                 self.lanes[lane as usize].waiting -= 1;
             }
         }
@@ -360,7 +363,11 @@ impl Sim<'_> {
             let node = &mut self.nodes[n as usize];
             node.next_pull += 1;
             let id = node.next_pull;
-            if node.ledger.take_credit(PullId(id), &intent.credit).is_err() {
+            if node
+                .ledger
+                .take_credit(PullId(id), &intent.credit, intent.batch)
+                .is_err()
+            {
                 continue;
             }
             self.rec.count("pulls_issued", 1);
@@ -376,7 +383,7 @@ impl Sim<'_> {
                 pull: id,
                 issued: now,
             });
-            node.pulls.insert(id, (lane, intent.priority));
+            node.pulls.insert(id, (lane, intent.priority, intent.batch));
             touched.push(lane);
         }
         touched.dedup();
@@ -437,7 +444,7 @@ impl Sim<'_> {
                     let alive = self.nodes[w.node as usize]
                         .pulls
                         .get(&w.pull)
-                        .is_some_and(|(l, _)| *l == lane);
+                        .is_some_and(|(l, _, _)| *l == lane);
                     let lq = &mut self.lanes[lane as usize];
                     if !alive {
                         lq.buckets[b].pop_front();
@@ -453,15 +460,23 @@ impl Sim<'_> {
                         self.rec.count("pulls_reissued", 1);
                         continue;
                     }
-                    chosen = lq.buckets[b].pop_front();
+                    chosen = Some((b, w));
                     break 'buckets;
                 }
             }
-            let Some(w) = chosen else { return };
+            let Some((b, w)) = chosen else { return };
+            // a pull for several messages stays first in line until it has them all
+            let node = &mut self.nodes[w.node as usize];
             let lq = &mut self.lanes[lane as usize];
             lq.msgs.pop_front();
-            lq.waiting -= 1;
-            self.nodes[w.node as usize].pulls.remove(&w.pull);
+            match node.pulls.get_mut(&w.pull) {
+                Some((_, _, left)) if *left > 1 => *left -= 1,
+                _ => {
+                    node.pulls.remove(&w.pull);
+                    lq.buckets[b].pop_front();
+                    lq.waiting -= 1;
+                }
+            }
             self.rec.count("deliveries", 1);
             let at = now + self.cfg.fetch.draw(&mut self.rng);
             self.q.push(
@@ -736,14 +751,14 @@ impl Sim<'_> {
             Some(ReqState::Waiting | ReqState::Claiming(_)) => {}
             _ => {
                 // stale: the record moved on
-                n.ledger.return_credit(PullId(pull));
+                n.ledger.return_unit(PullId(pull));
                 self.rec.count("stale_deliveries", 1);
                 return self.replan(node, now);
             }
         }
         let r = self.reqs.get(&msg.req).expect("checked above");
         if r.excluded.contains(&node) {
-            n.ledger.return_credit(PullId(pull));
+            n.ledger.return_unit(PullId(pull));
             back(self, self.cfg.nak_delay, "naks");
             return self.replan(node, now);
         }
@@ -775,7 +790,7 @@ impl Sim<'_> {
             n.alive = false;
             self.reindex(victim);
             let n = &mut self.nodes[victim as usize];
-            for (_, (lane, _)) in std::mem::take(&mut n.pulls) {
+            for (_, (lane, _, _)) in std::mem::take(&mut n.pulls) {
                 self.lanes[lane as usize].waiting -= 1;
             }
             if n.vms > 0 {
