@@ -55,6 +55,17 @@ impl Broker {
     }
 }
 
+/// Settings an experiment changes from the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// The agents' pull settings.
+    pub pull: placement::pull::PullConfig,
+    /// The dispatcher's spill deadline (`ladder.spill_after`).
+    pub spill_after: Option<Duration>,
+    /// The dispatcher's sweep period.
+    pub sweep_interval: Option<Duration>,
+}
+
 /// A running cluster.
 pub struct Cluster {
     /// The broker.
@@ -69,25 +80,26 @@ pub struct Cluster {
 impl Cluster {
     /// Starts everything: `agents` agents of size `node`, all taking work.
     pub async fn start(cluster: bool, agents: usize, node: Resources) -> anyhow::Result<Cluster> {
-        Self::start_with(
-            cluster,
-            agents,
-            node,
-            &placement::pull::PullConfig::default(),
-        )
-        .await
+        Self::start_with(cluster, agents, node, &Tuning::default()).await
     }
 
-    /// Like [`Cluster::start`] with the agents' pull settings given.
+    /// Like [`Cluster::start`] with settings of an experiment.
     pub async fn start_with(
         cluster: bool,
         agents: usize,
         node: Resources,
-        pull: &placement::pull::PullConfig,
+        tuning: &Tuning,
     ) -> anyhow::Result<Cluster> {
+        let pull = &tuning.pull;
         let broker = Broker::start(cluster)?;
         let url = broker.url();
         let mut dc = dispatcher::Config::default();
+        if let Some(s) = tuning.spill_after {
+            dc.ladder.spill_after = s;
+        }
+        if let Some(s) = tuning.sweep_interval {
+            dc.sweep_interval = s;
+        }
         dc.nats.url = url.clone();
         dc.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         dc.topology.replicas = broker.replicas();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use placement::Resources;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Tuning};
 use crate::place::{PlaceOpts, PlaceResult};
 
 /// Benchmarks of the NATS path.
@@ -58,6 +58,12 @@ struct Cli {
     /// Experiments: tiers empty nodes open in.
     #[arg(long)]
     open_tiers: Option<u8>,
+    /// Experiments: the dispatcher's spill deadline, ms.
+    #[arg(long)]
+    spill_ms: Option<u64>,
+    /// Experiments: the dispatcher's sweep period, ms.
+    #[arg(long)]
+    sweep_ms: Option<u64>,
     /// Only the libvirt run: boot this many real guests on qemu:///system, one after another.
     #[arg(long)]
     libvirt_guests: Option<usize>,
@@ -216,23 +222,39 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         rate: None,
         prefix: "t".into(),
     };
-    if cli.per_class.is_some() || cli.open_tiers.is_some() {
-        let mut pull = placement::pull::PullConfig::default();
-        pull.per_class = cli.per_class.unwrap_or(pull.per_class);
-        pull.open_tiers = cli.open_tiers.unwrap_or(pull.open_tiers);
-        let c = Cluster::start_with(false, cli.agents, node.clone(), &pull).await?;
-        let r = place::run(&c, &node, &opts).await?;
-        c.stop().await;
-        println!(
-            "{}",
-            row(
-                &format!(
-                    "experiment per_class={} open_tiers={}",
-                    pull.per_class, pull.open_tiers
-                ),
-                &r
-            )
+    let rate_opts = PlaceOpts {
+        requests: rate_requests,
+        concurrency: cli.concurrency,
+        rate: Some(cli.rate),
+        prefix: "r".into(),
+    };
+    if cli.per_class.is_some()
+        || cli.open_tiers.is_some()
+        || cli.spill_ms.is_some()
+        || cli.sweep_ms.is_some()
+    {
+        let mut t = Tuning::default();
+        t.pull.per_class = cli.per_class.unwrap_or(t.pull.per_class);
+        t.pull.open_tiers = cli.open_tiers.unwrap_or(t.pull.open_tiers);
+        t.spill_after = cli.spill_ms.map(Duration::from_millis);
+        t.sweep_interval = cli.sweep_ms.map(Duration::from_millis);
+        let name = format!(
+            "experiment per_class={} open_tiers={} spill_ms={} sweep_ms={}",
+            t.pull.per_class,
+            t.pull.open_tiers,
+            cli.spill_ms.map_or("default".into(), |v| v.to_string()),
+            cli.sweep_ms.map_or("default".into(), |v| v.to_string()),
         );
+        for run in [Run::Throughput, Run::Rate] {
+            if !cli.runs(run) {
+                continue;
+            }
+            let o = if run == Run::Rate { &rate_opts } else { &opts };
+            let c = Cluster::start_with(false, cli.agents, node.clone(), &t).await?;
+            let r = place::run(&c, &node, o).await?;
+            c.stop().await;
+            println!("{}", row(&format!("{name} {run:?}"), &r));
+        }
         return Ok(());
     }
     if cli.runs(Run::Throughput) {
@@ -260,12 +282,6 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     if cli.runs(Run::Rate) {
-        let rate_opts = PlaceOpts {
-            requests: rate_requests,
-            concurrency: cli.concurrency,
-            rate: Some(cli.rate),
-            prefix: "r".into(),
-        };
         let c = Cluster::start(false, cli.agents, node.clone()).await?;
         let r = place::run(&c, &node, &rate_opts).await?;
         c.stop().await;

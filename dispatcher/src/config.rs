@@ -42,6 +42,10 @@ impl Size {
     }
 }
 
+/// Default period of the sweep (deadlines, spill, backlog flags, missing hints, reaping): it
+/// bounds how late a request spills after [`DEFAULT_SPILL_AFTER`].
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
 /// The size ladder: √2 steps from `base` (the smallest class) to `top` (the largest request
 /// accepted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +179,7 @@ impl Default for Config {
             flavors: Vec::new(),
             default_deadline_s: DEFAULT_DEADLINE_S,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
-            sweep_interval: Duration::from_secs(1),
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
             reap_grace: Duration::from_secs(15),
             hint_check_after: Duration::from_secs(10),
             recent_finished: 10_000,

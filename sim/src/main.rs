@@ -11,7 +11,7 @@ use placement::policy::Policy;
 use placement::pull::PullConfig;
 use placement::resources::AllocationRatios;
 use placement::shard::{MAX_PARTITIONS, default_shard_map, zone};
-use sim::central::{self, CentralConfig};
+use sim::central::{self, CentralConfig, DecisionCost};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
 use sim::updraft::{self, UpdraftConfig};
@@ -120,7 +120,7 @@ struct Common {
     build_s: u64,
     /// updraft: milliseconds between the dispatcher's sweeps (the dispatcher's
     /// `sweep_interval`).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     sweep_ms: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]
@@ -137,6 +137,10 @@ struct Common {
     /// updraft: most messages one node pulls for at once (`max_pulls`).
     #[arg(long)]
     max_pulls: Option<usize>,
+    /// updraft: how long a request waits for a full-fit taker before near-fit takers may
+    /// have it, ms (the dispatcher's `ladder.spill_after`; default 500).
+    #[arg(long)]
+    spill_ms: Option<u64>,
     /// updraft: share of eligible nodes holding back for a starving class (0 disables).
     #[arg(long)]
     guard_share: Option<f64>,
@@ -209,6 +213,9 @@ impl Common {
             .clamp(1, MAX_PARTITIONS);
         for c in &mut map.size_classes {
             c.partitions = parts;
+            if let Some(ms) = self.spill_ms {
+                c.spill_after_ms = ms;
+            }
         }
         map.validate().context("shard map")?;
         let mut pull = PullConfig {
@@ -253,6 +260,7 @@ impl Common {
                     retry_batch: 64,
                     seed: self.seed,
                     map: default_shard_map(zone("az1")?),
+                    cost: DecisionCost::of(other),
                 };
                 central::run(other, nodes, workload, &cfg)?
             }

@@ -47,9 +47,16 @@ pub struct Latency {
     pub tail_ms: f64,
 }
 
+/// One compare-and-swap on a record on one nats-server (BENCHMARKS.md).
+pub const CAS_LATENCY: Latency = Latency {
+    base_ms: 0.4,
+    tail_ms: 0.6,
+};
+
 impl Latency {
+    /// One draw, ms.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    fn draw(&self, rng: &mut ChaCha8Rng) -> Millis {
+    pub fn draw(&self, rng: &mut ChaCha8Rng) -> Millis {
         let u: f64 = rng.random_range(f64::EPSILON..1.0);
         (self.base_ms - self.tail_ms * u.ln()).round().max(0.0) as Millis
     }
@@ -111,10 +118,7 @@ impl UpdraftConfig {
                 base_ms: 0.3,
                 tail_ms: 0.5,
             },
-            cas: Latency {
-                base_ms: 0.4,
-                tail_ms: 0.6,
-            },
+            cas: CAS_LATENCY,
             nak_delay: 1000,
             ack_wait: 5000,
             max_waiting: 20_000,
@@ -125,7 +129,7 @@ impl UpdraftConfig {
             node_death_rate: 0.0,
             repair_time: 600_000,
             lease_ttl: 15_000,
-            sweep_every: 1000,
+            sweep_every: 500,
             sample_every: 300_000,
             seed,
         }

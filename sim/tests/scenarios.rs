@@ -12,7 +12,7 @@ use placement::pull::PullConfig;
 use placement::resources::AllocationRatios;
 use placement::shard::default_shard_map;
 use rand::{RngExt, SeedableRng};
-use sim::central::{self, CentralConfig};
+use sim::central::{self, CentralConfig, DecisionCost, NOVA_US_PER_HOST};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
 use sim::updraft::{self, UpdraftConfig};
@@ -62,13 +62,14 @@ fn updraft_cfg(policy: Policy, seed: u64) -> UpdraftConfig {
     c
 }
 
-fn central_cfg() -> CentralConfig {
+fn central_cfg(kind: PolicyKind) -> CentralConfig {
     CentralConfig {
         deadline: 60_000,
         sample_every: 10_000,
         retry_batch: 64,
         seed: 1,
         map: default_shard_map(placement::Zone::new("az1").unwrap()),
+        cost: DecisionCost::of(kind),
     }
 }
 
@@ -80,7 +81,7 @@ fn run(kind: PolicyKind, c: &ClusterSpec, w: &WorkloadSpec, seed: u64) -> Report
         PolicyKind::UpdraftSpread => {
             updraft::run(nodes, wl, &updraft_cfg(Policy::Spread, seed)).unwrap()
         }
-        k => central::run(k, nodes, wl, &central_cfg()).unwrap(),
+        k => central::run(k, nodes, wl, &central_cfg(k)).unwrap(),
     }
 }
 
@@ -271,4 +272,71 @@ fn central_baselines_match_a_brute_force_reference_on_tiny_inputs() {
             );
         }
     }
+}
+
+#[test]
+fn a_burst_queues_at_a_central_scheduler_one_decision_after_another() {
+    // 100 nodes; 50 requests at once, each fits anywhere
+    let rows: Vec<_> = (0..50).map(|_| (0, 3_600, 1, 1024)).collect();
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(100, 16, 64);
+    // Nova-like: every host filtered and weighed, 133 µs each: 13.3 ms a decision
+    let nova = run(PolicyKind::Nova, &c, &w, 1);
+    assert_eq!(nova.placed, 50);
+    let per_decision_ms = 100.0 * NOVA_US_PER_HOST / 1000.0;
+    #[allow(clippy::cast_precision_loss)]
+    let (p50, max) = (nova.wait.p50 as f64, nova.wait.max as f64);
+    assert!(
+        (max - 50.0 * per_decision_ms).abs() < 10.0,
+        "the last of 50 waits for 50 decisions: {max} ms"
+    );
+    assert!(
+        (p50 - 25.0 * per_decision_ms).abs() < 20.0,
+        "the median one for about 25: {p50} ms"
+    );
+    // indexed best-fit decides in microseconds: the commit is what the wait is made of
+    let bf = run(PolicyKind::BestFitIndexed, &c, &w, 1);
+    assert_eq!(bf.placed, 50);
+    assert!(bf.wait.max <= 10, "{:?}", bf.wait);
+}
+
+#[test]
+fn requests_the_scheduler_cannot_reach_before_their_deadline_fail() {
+    // 1,000 nodes: 133 ms a Nova decision; a burst of 100 with a 5 s deadline
+    let rows: Vec<_> = (0..100).map(|_| (0, 3_600, 1, 1024)).collect();
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(1_000, 16, 64);
+    let cfg = CentralConfig {
+        deadline: 5_000,
+        ..central_cfg(PolicyKind::Nova)
+    };
+    let r = central::run(
+        PolicyKind::Nova,
+        c.nodes().unwrap(),
+        w.open().unwrap(),
+        &cfg,
+    )
+    .unwrap();
+    // decisions start at 0, 133, 266 ... ms: those starting within 5 s are made
+    let reached = 5_000 / 133 + 1;
+    assert_eq!(r.placed, reached, "{r:?}");
+    assert_eq!(r.failed, 100 - reached);
+    // with no decision cost (the old model) every one would have been placed at once
+    let free = CentralConfig {
+        cost: DecisionCost {
+            per_node_us: 0.0,
+            ..cfg.cost
+        },
+        ..cfg
+    };
+    let r = central::run(
+        PolicyKind::Nova,
+        c.nodes().unwrap(),
+        w.open().unwrap(),
+        &free,
+    )
+    .unwrap();
+    assert_eq!(r.placed, 100);
 }
