@@ -151,6 +151,19 @@ fn row(name: &str, r: &PlaceResult) -> String {
     )
 }
 
+/// One placement run on a fresh single-server cluster of `agents` agents of size `node`.
+async fn place_on(
+    agents: usize,
+    node: &Resources,
+    tuning: &Tuning,
+    opts: &PlaceOpts,
+) -> anyhow::Result<PlaceResult> {
+    let c = Cluster::start_with(false, agents, node.clone(), tuning).await?;
+    let r = place::run(&c, node, opts).await;
+    c.stop().await;
+    r
+}
+
 async fn throughput(
     cluster_mode: bool,
     agents: usize,
@@ -250,9 +263,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 continue;
             }
             let o = if run == Run::Rate { &rate_opts } else { &opts };
-            let c = Cluster::start_with(false, cli.agents, node.clone(), &t).await?;
-            let r = place::run(&c, &node, o).await?;
-            c.stop().await;
+            let r = place_on(cli.agents, &node, &t, o).await?;
             println!("{}", row(&format!("{name} {run:?}"), &r));
         }
         return Ok(());
@@ -282,9 +293,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     if cli.runs(Run::Rate) {
-        let c = Cluster::start(false, cli.agents, node.clone()).await?;
-        let r = place::run(&c, &node, &rate_opts).await?;
-        c.stop().await;
+        let r = place_on(cli.agents, &node, &Tuning::default(), &rate_opts).await?;
         eprintln!("rate: {r:?}");
         lines.push(row(
             &format!(
@@ -301,12 +310,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             rate: Some(cli.rate),
             prefix: "s".into(),
         };
-        let small = Cluster::start(false, 10, node.clone()).await?;
-        let s10 = place::run(&small, &node, &scale_opts).await?;
-        small.stop().await;
-        let big = Cluster::start(false, cli.scale_agents, node.clone()).await?;
-        let sk = place::run(&big, &node, &scale_opts).await?;
-        big.stop().await;
+        let s10 = place_on(10, &node, &Tuning::default(), &scale_opts).await?;
+        let sk = place_on(cli.scale_agents, &node, &Tuning::default(), &scale_opts).await?;
         eprintln!("scale: {s10:?} {sk:?}");
         lines.push(row(
             &format!(

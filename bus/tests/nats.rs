@@ -35,6 +35,16 @@ fn spec(id: &str, mem: u64) -> RequestSpec {
     }
 }
 
+/// A node's puller on its own connection to `url`, and its events.
+async fn puller(url: &str, name: &str) -> (Puller, tokio::sync::mpsc::Receiver<PullEvent>) {
+    let cfg = bus::NatsConfig {
+        url: url.to_string(),
+        ..Default::default()
+    };
+    let (client, _) = bus::connect(&cfg, name).await.unwrap();
+    Puller::new(client)
+}
+
 fn record(id: &str) -> RequestRecord {
     let map = testkit::shard_map();
     let s = spec(id, 1024);
@@ -316,14 +326,8 @@ async fn pulls_are_served_by_priority_and_expire() {
     let server = testkit::nats();
     let map = testkit::shard_map();
     let b = testkit::bus_for(&server.url(), &map).await;
-    let cfg = bus::NatsConfig {
-        url: server.url(),
-        ..Default::default()
-    };
-    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
-    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
-    let (p1, mut e1) = Puller::new(c1);
-    let (p2, mut e2) = Puller::new(c2);
+    let (p1, mut e1) = puller(&server.url(), "n1").await;
+    let (p2, mut e2) = puller(&server.url(), "n2").await;
     let r = record("p1");
     let pull = |id: u64, priority: u8| PullSpec {
         pull: PullId(id),
@@ -371,12 +375,7 @@ async fn nak_hands_back_to_another_puller() {
     let server = testkit::nats();
     let map = testkit::shard_map();
     let b = testkit::bus_for(&server.url(), &map).await;
-    let cfg = bus::NatsConfig {
-        url: server.url(),
-        ..Default::default()
-    };
-    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
-    let (p1, mut e1) = Puller::new(c1);
+    let (p1, mut e1) = puller(&server.url(), "n1").await;
     let r = record("nak1");
     b.hints
         .publish(&r, None, Lane::Fit, Timestamp(1))
@@ -409,14 +408,8 @@ async fn cancelled_pulls_stop_competing() {
     let server = testkit::nats();
     let map = testkit::shard_map();
     let b = testkit::bus_for(&server.url(), &map).await;
-    let cfg = bus::NatsConfig {
-        url: server.url(),
-        ..Default::default()
-    };
-    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
-    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
-    let (p1, mut e1) = Puller::new(c1);
-    let (p2, mut e2) = Puller::new(c2);
+    let (p1, mut e1) = puller(&server.url(), "n1").await;
+    let (p2, mut e2) = puller(&server.url(), "n2").await;
     let r = record("c1");
     let pull = |id: u64, priority: u8| PullSpec {
         pull: PullId(id),
@@ -481,14 +474,8 @@ async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last(
     let server = testkit::nats();
     let map = testkit::shard_map();
     let b = testkit::bus_for(&server.url(), &map).await;
-    let cfg = bus::NatsConfig {
-        url: server.url(),
-        ..Default::default()
-    };
-    let (c1, _) = bus::connect(&cfg, "n1").await.unwrap();
-    let (c2, _) = bus::connect(&cfg, "n2").await.unwrap();
-    let (best, mut e_best) = Puller::new(c1);
-    let (worse, mut e_worse) = Puller::new(c2);
+    let (best, mut e_best) = puller(&server.url(), "n1").await;
+    let (worse, mut e_worse) = puller(&server.url(), "n2").await;
     // six requests of one shard
     let first = record("burst-0");
     let burst: Vec<RequestRecord> = (0..200)

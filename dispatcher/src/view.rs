@@ -515,6 +515,17 @@ mod tests {
         tests_support::record(id)
     }
 
+    /// Node n1's claim, epoch 1, made at 1100.
+    fn claim_n1() -> Claim {
+        Claim {
+            node: NodeId::new("n1").unwrap(),
+            epoch: Epoch(1),
+            token: ClaimToken(1),
+            at: Timestamp(1100),
+            sig: None,
+        }
+    }
+
     fn v(r: RequestRecord, rev: u64) -> Versioned<RequestRecord> {
         Versioned {
             value: r,
@@ -528,13 +539,7 @@ mod tests {
         view.caught_up = true;
         let r = rec("a");
         assert_eq!(view.apply(v(r.clone(), 1), Timestamp(1000)).before, None);
-        let c = Claim {
-            node: NodeId::new("n1").unwrap(),
-            epoch: Epoch(1),
-            token: ClaimToken(1),
-            at: Timestamp(1100),
-            sig: None,
-        };
+        let c = claim_n1();
         let claimed = r.claim(1, c.clone(), Timestamp(1100)).unwrap();
         assert_eq!(
             view.apply(v(claimed.clone(), 2), Timestamp(1100)).before,
@@ -585,13 +590,7 @@ mod tests {
     fn the_state_index_follows_every_change() {
         let mut view = View::new(10);
         view.caught_up = true;
-        let c = Claim {
-            node: NodeId::new("n1").unwrap(),
-            epoch: Epoch(1),
-            token: ClaimToken(1),
-            at: Timestamp(1100),
-            sig: None,
-        };
+        let c = claim_n1();
         let mut rev = 0;
         let mut step = |view: &mut View, r: &RequestRecord| {
             rev += 1;
