@@ -5,7 +5,6 @@
 //! after taking the class's largest request asks with priority 0 and gets the message before
 //! emptier nodes; `spread` inverts that; `random` draws a bucket. No sleeps, no global view.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use rand::{Rng, RngExt};
@@ -242,7 +241,7 @@ pub fn election_draw(node: &NodeId, class: &ClassKey) -> f64 {
     h.end_part();
     h.bytes(node.as_str().as_bytes());
     h.end_part();
-    let _ = write!(h, "{class}"); // writing to a hasher cannot fail
+    class.hash_into(&mut h);
     h.end_part();
     let h = h.finish();
     #[allow(clippy::cast_precision_loss)] // a fraction for an election

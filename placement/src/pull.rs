@@ -298,38 +298,43 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             order.extend(class_order(map, tclass, &unallocated, cfg.order, demand));
         }
     }
-    // 3. then more pulls on the same fit lanes, in the same order, while credit lasts
-    let extra: Vec<Candidate> = order
-        .iter()
-        .filter(|c| c.lane == Lane::Fit)
-        .cloned()
+    // 3. then more messages on the same fit lanes, in the same order, while credit lasts: the
+    //    candidates in credit order are every one once, then the fit ones again, round after
+    //    round (by index: a candidate's shard is built once, however many rounds take it)
+    let fit: Vec<usize> = (0..order.len())
+        .filter(|&i| order[i].lane == Lane::Fit)
         .collect();
-    for _ in 1..per_class {
-        order.extend(extra.iter().cloned());
-    }
+    let rounds = (0..order.len()).chain((1..per_class).flat_map(|_| fit.iter().copied()));
+    let mut shards: Vec<Option<ShardId>> = vec![None; order.len()];
 
-    for c in order {
+    for i in rounds {
         if slots == 0 {
             break;
         }
+        let c = &order[i];
         let size_ok = usize::from(c.size) < map.size_classes.len();
         // what is allowed below never exceeds the budget: skip the shard's construction
         // (allocations) for what cannot fit anyway
         if !size_ok || !c.credit.fits(&budget) {
             continue;
         }
-        let shard = ShardId {
+        let shard: &ShardId = shards[i].get_or_insert_with(|| ShardId {
             zone: node.zone.clone(),
             tclass: c.tclass.clone(),
             size: c.size,
             part: map.node_partition(node.id.as_str(), c.size),
-        };
+        });
         // cheap fields first: most pulls differ in size or partition
         let same = |s: &ShardId, l: Lane| {
-            s.size == shard.size && s.part == shard.part && l == c.lane && *s == shard
+            s.size == shard.size && s.part == shard.part && l == c.lane && s == shard
         };
         let held = outstanding.iter().filter(|(s, l)| same(s, *l)).count()
-            + out.pulls.iter().filter(|p| same(&p.shard, p.lane)).count();
+            + out
+                .pulls
+                .iter()
+                .filter(|p| same(&p.shard, p.lane))
+                .map(|p| p.batch as usize)
+                .sum::<usize>();
         let cap = if c.lane == Lane::Fit { per_class } else { 1 };
         if held >= cap {
             continue;
@@ -354,37 +359,40 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         }
         let priority = fitness_bucket(cfg.policy, &node.id, capacity, &unallocated, &c.bound, rng);
         budget = budget.saturating_sub(&c.credit);
-        out.pulls.push(PullIntent {
-            shard,
-            lane: c.lane,
-            credit: c.credit,
-            priority,
-            batch: 1,
-        });
+        add_unit(&mut out.pulls, shard, c.lane, &c.credit, priority);
         slots -= 1;
     }
-    out.pulls = coalesce(out.pulls);
     out
 }
 
-/// Merges pulls for one message each on the same lane, with the same credit and priority,
-/// into pulls for several (at most [`MAX_PULL_BATCH`]), in the order each first appears.
-fn coalesce(units: Vec<PullIntent>) -> Vec<PullIntent> {
-    let mut out: Vec<PullIntent> = Vec::with_capacity(units.len());
-    for u in units {
-        let same = out.iter_mut().find(|p| {
-            p.batch < MAX_PULL_BATCH
-                && p.lane == u.lane
-                && p.priority == u.priority
-                && p.shard == u.shard
-                && p.credit == u.credit
-        });
-        match same {
-            Some(p) => p.batch += u.batch,
-            None => out.push(u),
-        }
+/// Adds one message to the plan: to the pull on the same lane with the same credit and
+/// priority while it asks for fewer than [`MAX_PULL_BATCH`], else as a new pull.
+fn add_unit(
+    pulls: &mut Vec<PullIntent>,
+    shard: &ShardId,
+    lane: Lane,
+    credit: &Resources,
+    priority: u8,
+) {
+    let same = pulls.iter_mut().find(|p| {
+        p.batch < MAX_PULL_BATCH
+            && p.lane == lane
+            && p.priority == priority
+            && p.shard.size == shard.size
+            && p.shard.part == shard.part
+            && p.shard == *shard
+            && p.credit == *credit
+    });
+    match same {
+        Some(p) => p.batch += 1,
+        None => pulls.push(PullIntent {
+            shard: shard.clone(),
+            lane,
+            credit: credit.clone(),
+            priority,
+            batch: 1,
+        }),
     }
-    out
 }
 
 /// What to change in a node's outstanding pulls to reach a fresh plan.
@@ -469,13 +477,21 @@ fn class_order(
     order: PullOrder,
     demand: &[DemandEntry],
 ) -> Vec<Candidate> {
-    let n = map.size_classes.len();
-    let full: Vec<u8> = (0..n)
+    // each class's bound once: None where it does not fully fit
+    let bounds: Vec<Option<Resources>> = (0..map.size_classes.len())
+        .map(|i| {
+            let size = u8::try_from(i).ok()?;
+            Some(map.upper_bound(tclass, size)).filter(|b| b.fits(unallocated))
+        })
+        .collect();
+    let full: Vec<u8> = (0..bounds.len())
+        .filter(|&i| bounds[i].is_some())
         .filter_map(|i| u8::try_from(i).ok())
-        .filter(|s| map.upper_bound(tclass, *s).fits(unallocated))
         .collect();
     let fit = |size: u8| {
-        let bound = map.upper_bound(tclass, size);
+        let bound = bounds[usize::from(size)]
+            .clone()
+            .unwrap_or_else(|| map.upper_bound(tclass, size));
         Candidate {
             tclass: tclass.clone(),
             size,
@@ -938,16 +954,13 @@ mod tests {
             size: 0,
             part: map.node_partition(node.id.as_str(), 0),
         };
-        let unit = |priority: u8| PullIntent {
-            shard: shard.clone(),
-            lane: Lane::Fit,
-            credit: Resources::new(1, 512, 1),
-            priority,
-            batch: 1,
-        };
-        let mut units: Vec<PullIntent> = (0..20).map(|_| unit(2)).collect();
-        units.insert(3, unit(5));
-        let merged = coalesce(units);
+        // 21 messages of one lane planned one by one; the fourth at another priority
+        let credit = Resources::new(1, 512, 1);
+        let mut merged = Vec::new();
+        for i in 0..21 {
+            let priority = if i == 3 { 5 } else { 2 };
+            add_unit(&mut merged, &shard, Lane::Fit, &credit, priority);
+        }
         let batches: Vec<(u8, u32)> = merged.iter().map(|p| (p.priority, p.batch)).collect();
         assert_eq!(
             batches,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NameError, TraitClassName, TraitName, Zone, stable_hash};
+use crate::ids::{NameError, StableHasher, TraitClassName, TraitName, Zone, stable_hash};
 use crate::resources::{Extended, Resources};
 
 /// Name of the implicit trait class for requests that match no configured one.
@@ -134,6 +134,22 @@ pub struct ClassKey {
 impl fmt::Display for ClassKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}.s{:02}", self.zone, self.tclass, self.size)
+    }
+}
+
+impl ClassKey {
+    /// Feeds the key's text (as `Display` writes it) to `h`, without formatting it: election
+    /// draws hash it for every flag on every re-plan.
+    pub fn hash_into(&self, h: &mut StableHasher) {
+        h.bytes(self.zone.as_str().as_bytes());
+        h.bytes(b".");
+        h.bytes(self.tclass.as_str().as_bytes());
+        h.bytes(b".s");
+        let size = self.size;
+        if size >= 100 {
+            h.bytes(&[b'0' + size / 100]);
+        }
+        h.bytes(&[b'0' + size / 10 % 10, b'0' + size % 10]);
     }
 }
 
@@ -586,6 +602,23 @@ mod tests {
         let (home, over) = m.pullable_classes(&[TraitName::new("ssd").unwrap()]);
         assert_eq!(home, vec![ShardMap::std_class()]);
         assert!(over.is_empty());
+    }
+
+    #[test]
+    fn a_class_key_hashes_as_its_text() {
+        use std::fmt::Write as _;
+        for size in [0u8, 7, 10, 42, 63, 100, 255] {
+            let k = ClassKey {
+                zone: Zone::new("eu-west-1a").unwrap(),
+                tclass: TraitClassName::new("gpu").unwrap(),
+                size,
+            };
+            let mut direct = StableHasher::default();
+            k.hash_into(&mut direct);
+            let mut text = StableHasher::default();
+            write!(text, "{k}").unwrap();
+            assert_eq!(direct.finish(), text.finish(), "{k}");
+        }
     }
 
     #[test]

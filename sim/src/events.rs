@@ -1,7 +1,7 @@
 //! The event queue: earliest time first, ties in insertion order (so runs are deterministic).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::Millis;
 
@@ -29,10 +29,22 @@ impl<E> Ord for Entry<E> {
     }
 }
 
+/// Width of one bucket of far events, ms.
+const BUCKET_MS: Millis = 1000;
+
 /// A queue of timed events.
+///
+/// Two levels: a heap of the events before `horizon` (the next second or so), and the later
+/// ones in buckets of [`BUCKET_MS`] by time, moved into the heap a bucket at a time as time
+/// gets there. A large run schedules a departure per running VM, a day ahead; kept out of
+/// the heap, they do not make every pop walk (and miss the cache on) a heap of millions.
 #[derive(Debug)]
 pub struct EventQueue<E> {
-    heap: BinaryHeap<Reverse<Entry<E>>>,
+    near: BinaryHeap<Reverse<Entry<E>>>,
+    far: BTreeMap<Millis, Vec<Entry<E>>>,
+    /// Every event before it is in `near`; every event in `far` is at or after it.
+    horizon: Millis,
+    len: usize,
     seq: u64,
     processed: u64,
 }
@@ -40,7 +52,10 @@ pub struct EventQueue<E> {
 impl<E> Default for EventQueue<E> {
     fn default() -> Self {
         EventQueue {
-            heap: BinaryHeap::new(),
+            near: BinaryHeap::new(),
+            far: BTreeMap::new(),
+            horizon: 0,
+            len: 0,
             seq: 0,
             processed: 0,
         }
@@ -51,33 +66,53 @@ impl<E> EventQueue<E> {
     /// Schedules `ev` at `at`.
     pub fn push(&mut self, at: Millis, ev: E) {
         self.seq += 1;
-        self.heap.push(Reverse(Entry {
+        self.len += 1;
+        let e = Entry {
             at,
             seq: self.seq,
             ev,
-        }));
+        };
+        if at < self.horizon {
+            self.near.push(Reverse(e));
+        } else {
+            self.far.entry(at / BUCKET_MS).or_default().push(e);
+        }
+    }
+
+    /// Moves the earliest bucket into the heap when the heap is empty.
+    fn refill(&mut self) {
+        if !self.near.is_empty() {
+            return;
+        }
+        if let Some((bucket, entries)) = self.far.pop_first() {
+            self.horizon = bucket.saturating_add(1).saturating_mul(BUCKET_MS);
+            self.near.extend(entries.into_iter().map(Reverse));
+        }
     }
 
     /// The next event, with its time.
     pub fn pop(&mut self) -> Option<(Millis, E)> {
-        let Reverse(e) = self.heap.pop()?;
+        self.refill();
+        let Reverse(e) = self.near.pop()?;
+        self.len -= 1;
         self.processed += 1;
         Some((e.at, e.ev))
     }
 
     /// Time of the next event.
-    pub fn peek_time(&self) -> Option<Millis> {
-        self.heap.peek().map(|Reverse(e)| e.at)
+    pub fn peek_time(&mut self) -> Option<Millis> {
+        self.refill();
+        self.near.peek().map(|Reverse(e)| e.at)
     }
 
     /// Events waiting.
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.len
     }
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
+        self.len == 0
     }
 
     /// Events handled so far.
@@ -101,5 +136,42 @@ mod tests {
         assert_eq!(order, vec![(1, "a"), (1, "b"), (5, "c"), (5, "d")]);
         assert_eq!(q.processed(), 4);
         assert!(q.is_empty());
+    }
+
+    /// Pushes interleaved with pops, as a run makes them (never before the last popped time),
+    /// come out in (time, push order) like a plain sort of them.
+    #[test]
+    fn same_order_as_a_sort_whatever_the_spread_of_times() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut q = EventQueue::default();
+        let mut reference: Vec<(Millis, u64)> = Vec::new();
+        let mut out: Vec<(Millis, u64)> = Vec::new();
+        let mut now = 0;
+        let mut id = 0u64;
+        for _ in 0..20_000 {
+            if rng.random_range(0..3) > 0 || q.is_empty() {
+                // soon, within a bucket, or a day ahead
+                let ahead = match rng.random_range(0..3) {
+                    0 => rng.random_range(0..5),
+                    1 => rng.random_range(0..3 * BUCKET_MS),
+                    _ => rng.random_range(0..86_400_000),
+                };
+                id += 1;
+                q.push(now + ahead, id);
+                reference.push((now + ahead, id));
+            } else {
+                assert_eq!(q.peek_time().map(|t| t >= now), Some(true));
+                let (t, e) = q.pop().unwrap();
+                now = t;
+                out.push((t, e));
+            }
+        }
+        while let Some(x) = q.pop() {
+            out.push(x);
+        }
+        reference.sort_unstable();
+        assert_eq!(out, reference);
+        assert_eq!(q.len(), 0);
     }
 }
