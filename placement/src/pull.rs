@@ -170,9 +170,10 @@ pub struct PlanInput<'a> {
     pub now: Timestamp,
 }
 
-#[derive(Clone)]
-struct Candidate {
-    tclass: TraitClassName,
+/// A class a node could spend credit on (borrowing its trait class's name from the plan's
+/// inputs: a plan builds one per class each time a node re-plans).
+struct Candidate<'a> {
+    tclass: &'a TraitClassName,
     size: u8,
     lane: Lane,
     credit: Resources,
@@ -257,7 +258,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         if !acts_on(&node.id, b.part, b.flag, &cfg.guard, empty) {
             continue;
         }
-        let (tclass, size) = (b.flag.class.tclass.clone(), b.flag.class.size);
+        let (tclass, size) = (&b.flag.class.tclass, b.flag.class.size);
         let waited = now.since(b.flag.since);
         if tier > 0 && waited < map.spill_after(size) * u32::from(tier) {
             continue;
@@ -270,7 +271,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
                 credit: b.bound.clone(),
                 bound: b.bound.clone(),
             });
-        } else if cfg.near_fit && home.contains(&tclass) {
+        } else if cfg.near_fit && home.contains(tclass) {
             // near fit: worth a spill pull when this node could hold the smallest waiting one
             let smallest = if b.flag.smallest.is_zero() {
                 map.lower_bound(size)
@@ -290,7 +291,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     }
     // the class this node holds back for goes first
     if let Some(h) = &out.hold {
-        order.sort_by_key(|c| !(c.tclass == h.class.tclass && c.size == h.class.size));
+        order.sort_by_key(|c| !(*c.tclass == h.class.tclass && c.size == h.class.size));
     }
     // 2. home classes in the configured order
     if tier == 0 {
@@ -348,7 +349,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             Some(h) => budget.saturating_sub(&h.headroom),
             None => budget.clone(),
         };
-        if !home.contains(&c.tclass) {
+        if !home.contains(c.tclass) {
             // overflow work: lend only up to the overflow share of the node
             let used = capacity.saturating_sub(&budget);
             let lend = capacity.fraction(cfg.overflow_share).saturating_sub(&used);
@@ -470,13 +471,13 @@ pub fn diff_pulls<K: Copy, S: std::borrow::Borrow<ShardId>>(
 }
 
 /// Full-fit candidates of one trait class in credit order.
-fn class_order(
+fn class_order<'a>(
     map: &ShardMap,
-    tclass: &TraitClassName,
+    tclass: &'a TraitClassName,
     unallocated: &Resources,
     order: PullOrder,
     demand: &[DemandEntry],
-) -> Vec<Candidate> {
+) -> Vec<Candidate<'a>> {
     // each class's bound once: None where it does not fully fit
     let bounds: Vec<Option<Resources>> = (0..map.size_classes.len())
         .map(|i| {
@@ -493,7 +494,7 @@ fn class_order(
             .clone()
             .unwrap_or_else(|| map.upper_bound(tclass, size));
         Candidate {
-            tclass: tclass.clone(),
+            tclass,
             size,
             lane: Lane::Fit,
             credit: bound.clone(),
