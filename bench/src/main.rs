@@ -365,8 +365,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every record, hint and NATS message allocates and frees small buffers; mimalloc does
-/// that with less CPU than glibc's allocator under the tokio workers' contention.
+/// As the dispatcher's binary (`updraft-dispatcher`): mimalloc. The agents this process runs
+/// use it too, where `updraft-agent` keeps glibc's allocator (its memory matters more).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

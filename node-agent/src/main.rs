@@ -24,11 +24,6 @@ struct Cli {
     print_config: bool,
 }
 
-/// Every record, hint and NATS message allocates and frees small buffers; mimalloc does
-/// that with less CPU than glibc's allocator under the tokio workers' contention.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let src = common::config::Sources {
