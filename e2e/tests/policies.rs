@@ -324,3 +324,74 @@ async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
     assert!(report.clean(), "{report:?}");
     h.shutdown().await;
 }
+
+/// Posts an operator action for `node` and waits until its advert shows the result.
+async fn node_action(h: &Harness, node: &str, action: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/nodes/{node}/{action}", h.api(0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{action} {node}");
+    let cordoned = action == "cordon";
+    for _ in 0..100 {
+        let adverts = h.bus.nodes.list().await.unwrap();
+        let a = adverts.iter().find(|a| a.node.as_str() == node).unwrap();
+        if (a.state == placement::wire::NodeState::Cordoned) == cordoned {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{node} never showed {action}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_best_placed_node_steps_aside_for_what_it_hands_back() {
+    // "big" holds the affinity group's first member; "small" becomes the fuller node, so
+    // under pack it is first in line for every later request, including the group's next
+    // member, which it must hand back (the group is pinned to "big")
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    let group = json!({ "name": "grp", "policy": "affinity" });
+    h.add_agent("big", Resources::new(64, 128 * 1024, 4000))
+        .await
+        .unwrap();
+    h.wait_nodes(1, Duration::from_secs(20)).await.unwrap();
+    let create = |id: &'static str, with_group: bool| {
+        let mut body = json!({ "id": id, "flavor": "m1.small" });
+        if with_group {
+            body["server_group"] = group.clone();
+        }
+        body
+    };
+    assert_eq!(h.create(0, &create("a1", true)).await.unwrap().0, 201);
+    h.wait_for(&["a1".into()], Duration::from_secs(20), is_active)
+        .await
+        .unwrap();
+    h.add_agent("small", Resources::new(4, 8 * 1024, 200))
+        .await
+        .unwrap();
+    h.wait_nodes(2, Duration::from_secs(20)).await.unwrap();
+    node_action(&h, "big", "cordon").await;
+    assert_eq!(h.create(0, &create("p1", false)).await.unwrap().0, 201);
+    let recs = h
+        .wait_for(&["p1".into()], Duration::from_secs(20), is_active)
+        .await
+        .unwrap();
+    assert_eq!(recs[0].node().unwrap().as_str(), "small");
+    node_action(&h, "big", "uncordon").await;
+    // "small" (a quarter used) is now ahead of "big" (1/64 used) in every lane
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.create(0, &create("a2", true)).await.unwrap().0, 201);
+    let recs = h
+        .wait_for(&["a2".into()], Duration::from_secs(30), is_active)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(recs[0].node().unwrap().as_str(), "big");
+    // one hand-back (a nak delayed 500 ms) and the redelivery to the peer, not a redelivery
+    // to "small" every 500 ms until a deadline moves the request on
+    assert!(took < Duration::from_secs(4), "placed after {took:?}");
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{:#?}", report.violations);
+    h.shutdown().await;
+}

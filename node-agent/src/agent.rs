@@ -13,6 +13,7 @@ use placement::lifecycle::Claim;
 use placement::pull::{
     NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls, priority_tolerance,
 };
+use placement::step_aside::StepAside;
 use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
 use placement::{Epoch, Lane, RequestId, ShardId, ShardMap, Timestamp};
 use rand_chacha::ChaCha8Rng;
@@ -73,6 +74,8 @@ pub struct Inner {
     pub max_attempts: u32,
     /// Backlog flags by key.
     pub flags: BTreeMap<String, BacklogFlag>,
+    /// Lanes it pulls last for a while, having handed a message of them back.
+    pub aside: StepAside,
     /// The class this node holds capacity back for (starvation guard), if any.
     pub holding: Option<String>,
     /// Recent demand per class in this node's zone.
@@ -232,7 +235,8 @@ impl Agent {
                 cfg: &self.cfg.pull,
                 now: common::clock::now(),
             };
-            let plan = plan_pulls(&input, &mut inner.rng);
+            let mut plan = plan_pulls(&input, &mut inner.rng);
+            inner.aside.apply(&mut plan.pulls, input.now);
             let hold = plan.hold.as_ref().map(|h| h.class.to_string());
             if hold != inner.holding {
                 match &hold {
@@ -306,13 +310,23 @@ impl Agent {
         }
     }
 
-    /// Re-plans when woken and at least every second (expired pulls, changed flags).
+    /// Re-plans when woken, when a step-aside ends, and at least every second (expired pulls,
+    /// changed flags).
     pub async fn pull_loop(self: Arc<Self>) {
         loop {
+            let mut wait = Duration::from_secs(1);
+            {
+                let mut inner = self.lock();
+                let now = common::clock::now();
+                inner.aside.expire(now);
+                if let Some(end) = inner.aside.next_end() {
+                    wait = wait.min(end.since(now));
+                }
+            }
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = self.replan.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             self.plan_and_issue().await;
         }

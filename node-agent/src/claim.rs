@@ -15,26 +15,82 @@ use placement::checks::Rejection;
 use placement::ledger::{PullId, Reserved};
 use placement::lifecycle::{Claim, RequestRecord};
 use placement::request::GroupPolicy;
+use placement::step_aside::step_aside_for;
 use placement::wire::{GroupPin, Hint, WIRE_VERSION, decode};
-use placement::{ClaimToken, RequestId};
+use placement::{ClaimToken, Lane, RequestId, ShardId};
 use tracing::Instrument;
 
 use crate::agent::{Agent, Owned, Phase};
 use crate::decide::{Verdict, judge};
 use crate::metrics as m;
 
+/// Where a delivery came from: the pull that brought it (none when that pull had been
+/// cancelled), and whether one message's credit of it is still held for this delivery (a
+/// reserve attempt spends it).
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    pull: Option<PullId>,
+    credit: bool,
+}
+
+impl Origin {
+    /// The pull whose credit this delivery still holds.
+    fn credit(self) -> Option<PullId> {
+        self.pull.filter(|_| self.credit)
+    }
+
+    /// The same origin after a reserve attempt spent the credit.
+    fn spent(self) -> Origin {
+        Origin {
+            credit: false,
+            ..self
+        }
+    }
+}
+
 impl Agent {
-    /// The credit of one message of `pull` (this one, dealt with without a claim) goes back.
-    fn give_back_credit(&self, pull: Option<PullId>) {
-        if let Some(p) = pull {
+    /// The credit of this delivery's message, if still held, goes back.
+    fn give_back_credit(&self, from: Origin) {
+        if let Some(p) = from.credit() {
             self.lock().ledger.return_unit(p);
         }
         self.replan.notify_one();
     }
 
-    async fn hand_back(&self, d: &Delivery, pull: Option<PullId>, why: Rejection) {
+    /// The rest of `pull` stops competing, and the node pulls the lane the message came on
+    /// last for a while (`placement::step_aside`). A pull for several messages stays first
+    /// in line until it has them all, and a node's new pull at its usual priority may be
+    /// first again: either way the message it handed back would come straight back to it.
+    /// The pull is cancelled (the credit of what it still waited for goes back) and the node
+    /// re-plans with that lane at the worst priority, so the redelivery goes to a peer.
+    fn step_back(&self, pull: Option<PullId>, lane: Option<(&ShardId, Lane)>) {
+        let mut inner = self.lock();
+        if let Some((shard, lane)) = lane {
+            let until = common::clock::now().plus(step_aside_for(self.cfg.nak_delay));
+            inner.aside.note(shard, lane, until);
+        }
+        if let Some(p) = pull
+            && let Some((_, _, _, left)) = inner.pulls.remove(&p)
+        {
+            inner.ledger.return_units(p, left);
+            self.puller.cancel(p);
+        }
+    }
+
+    /// Hands a delivered message back (a delayed nak), its pull stepping back first, and
+    /// gives back its credit. A message this node cannot take (`on`: the shard and lane of
+    /// its record and hint) also makes it step aside on that lane; one it cannot deal with
+    /// now (not taking work, the record unreadable) is handed back at once.
+    async fn hand_back(
+        &self,
+        d: &Delivery,
+        from: Origin,
+        why: Rejection,
+        on: Option<(&ShardId, Lane)>,
+    ) {
         metrics::counter!(m::REJECTIONS, "reason" => why.as_str()).increment(1);
         metrics::counter!(m::DELIVERIES, "outcome" => "handed_back").increment(1);
+        self.step_back(from.pull, on);
         let delay = if why == Rejection::NotTakingWork {
             Duration::ZERO
         } else {
@@ -43,36 +99,37 @@ impl Agent {
         if let Err(e) = d.nak(delay).await {
             tracing::debug!(error = %e, "nak failed; the message is redelivered after ack_wait");
         }
-        self.give_back_credit(pull);
+        self.give_back_credit(from);
     }
 
-    async fn drop_stale(&self, d: &Delivery, pull: Option<PullId>, outcome: &'static str) {
+    async fn drop_stale(&self, d: &Delivery, from: Origin, outcome: &'static str) {
         metrics::counter!(m::DELIVERIES, "outcome" => outcome).increment(1);
         if let Err(e) = d.term().await {
             tracing::debug!(error = %e, "term failed");
         }
-        self.give_back_credit(pull);
+        self.give_back_credit(from);
     }
 
     /// Handles one delivered hint.
     pub async fn handle_delivery(self: Arc<Self>, pull: Option<PullId>, d: Delivery) {
+        let from = Origin { pull, credit: true };
         let hint: Hint = match decode(&d.payload) {
             Ok(h) => h,
             Err(e) => {
                 metrics::counter!(m::HOSTILE, "kind" => e.as_str()).increment(1);
                 tracing::warn!(error = %e, subject = %d.subject, "refusing malformed hint");
-                return self.drop_stale(&d, pull, "malformed").await;
+                return self.drop_stale(&d, from, "malformed").await;
             }
         };
         if !d.subject.ends_with(&format!(".{}", hint.id)) {
             metrics::counter!(m::HOSTILE, "kind" => "subject_mismatch").increment(1);
             tracing::warn!(subject = %d.subject, request.id = %hint.id, "refusing hint published under another request's subject");
-            return self.drop_stale(&d, pull, "malformed").await;
+            return self.drop_stale(&d, from, "malformed").await;
         }
         tracing::debug!(request.id = %hint.id, node.id = %self.identity.node, pull = ?pull, delivered = d.delivered, "hint delivered");
         let span = tracing::info_span!("claim", request.id = %hint.id, node.id = %self.identity.node, attempt = hint.attempt);
         let me = self.clone();
-        async move { me.claim(pull, d, hint, true).await }
+        async move { me.claim(from, d, hint, true).await }
             .instrument(span)
             .await
     }
@@ -82,7 +139,7 @@ impl Agent {
     /// lose a request). None when the delivery was handed back or dropped here.
     async fn read_for_claim(
         &self,
-        pull: Option<PullId>,
+        from: Origin,
         d: &Delivery,
         hint: &Hint,
     ) -> Option<bus::Versioned<RequestRecord>> {
@@ -91,12 +148,13 @@ impl Agent {
             Err(e @ bus::BusError::Decode { .. }) => {
                 metrics::counter!(m::HOSTILE, "kind" => "record").increment(1);
                 tracing::warn!(error = %e, "refusing hint for an undecodable record");
-                self.drop_stale(d, pull, "malformed").await;
+                self.drop_stale(d, from, "malformed").await;
                 return None;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the record; handing back");
-                self.hand_back(d, pull, Rejection::NotTakingWork).await;
+                self.hand_back(d, from, Rejection::NotTakingWork, None)
+                    .await;
                 return None;
             }
         };
@@ -109,13 +167,14 @@ impl Agent {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot confirm with the leader; handing back");
-                    self.hand_back(d, pull, Rejection::NotTakingWork).await;
+                    self.hand_back(d, from, Rejection::NotTakingWork, None)
+                        .await;
                     return None;
                 }
             };
         }
         if current.is_none() {
-            self.drop_stale(d, pull, "stale").await;
+            self.drop_stale(d, from, "stale").await;
         }
         current
     }
@@ -126,7 +185,7 @@ impl Agent {
     /// then the reservation is released and the claim starts over from a read. Whatever
     /// would end the delivery without a claim (stale, handed back, already held here) is
     /// decided on a read record, never on a copy.
-    async fn claim(self: Arc<Self>, pull: Option<PullId>, d: Delivery, hint: Hint, use_copy: bool) {
+    async fn claim(self: Arc<Self>, from: Origin, d: Delivery, hint: Hint, use_copy: bool) {
         let started = tokio::time::Instant::now();
         let copy = hint
             .record
@@ -139,21 +198,22 @@ impl Agent {
         let from_copy = copy.is_some();
         let current = match copy {
             Some(c) => c,
-            None => match self.read_for_claim(pull, &d, &hint).await {
+            None => match self.read_for_claim(from, &d, &hint).await {
                 Some(c) => c,
                 None => return,
             },
         };
+        let on = Some((&current.value.shard, hint.lane));
         let takes_work = self.lock().mode.takes_work();
         match judge(&hint, &current.value, &self.profile, takes_work) {
             Verdict::Proceed => {}
             // a copy serves the way to a claim only: anything else is decided on the record
             _ if from_copy => {
                 metrics::counter!(m::CLAIM_COPIES, "outcome" => "declined").increment(1);
-                return Box::pin(self.claim(pull, d, hint, false)).await;
+                return Box::pin(self.claim(from, d, hint, false)).await;
             }
-            Verdict::Stale => return self.drop_stale(&d, pull, "stale").await,
-            Verdict::HandBack(r) => return self.hand_back(&d, pull, r).await,
+            Verdict::Stale => return self.drop_stale(&d, from, "stale").await,
+            Verdict::HandBack(r) => return self.hand_back(&d, from, r, on).await,
         }
         let spec = &current.value.spec;
         if let Some(g) = spec
@@ -163,16 +223,22 @@ impl Agent {
         {
             match self.bus.cluster.group(g.name.as_str()).await {
                 Ok(Some(pin)) if pin.node != self.identity.node => {
-                    return self.hand_back(&d, pull, Rejection::AffinityElsewhere).await;
+                    return self
+                        .hand_back(&d, from, Rejection::AffinityElsewhere, on)
+                        .await;
                 }
                 Ok(_) => {}
-                Err(_) => return self.hand_back(&d, pull, Rejection::NotTakingWork).await,
+                Err(_) => {
+                    return self
+                        .hand_back(&d, from, Rejection::NotTakingWork, None)
+                        .await;
+                }
             }
         }
         // reserve and draw the claim under the lock, with no await in between
         let claim = {
             let mut inner = self.lock();
-            let res = match pull {
+            let res = match from.credit() {
                 Some(p) => inner.ledger.reserve_from_pull(
                     p,
                     &spec.id,
@@ -206,12 +272,18 @@ impl Agent {
             // (the pull's credit is returned either way: a retry reserves from spare)
             Ok((Reserved::AlreadyHeld, _)) | Err(_) if from_copy => {
                 metrics::counter!(m::CLAIM_COPIES, "outcome" => "declined").increment(1);
-                return Box::pin(self.claim(None, d, hint, false)).await;
+                return Box::pin(self.claim(from.spent(), d, hint, false)).await;
             }
             Ok((Reserved::AlreadyHeld, _)) => {
-                return self.hand_back(&d, None, Rejection::InFlight).await;
+                return self
+                    .hand_back(&d, from.spent(), Rejection::InFlight, on)
+                    .await;
             }
-            Err(e) => return self.hand_back(&d, None, Rejection::from_ledger(&e)).await,
+            Err(e) => {
+                return self
+                    .hand_back(&d, from.spent(), Rejection::from_ledger(&e), on)
+                    .await;
+            }
         };
         let id = spec.id.clone();
         let attempt = hint.attempt;
@@ -239,7 +311,7 @@ impl Agent {
                     // spent: the next reserve is from spare)
                     metrics::counter!(m::CLAIM_COPIES, "outcome" => "moved_on").increment(1);
                     self.lock().ledger.release(&id);
-                    return Box::pin(self.claim(None, d, hint, false)).await;
+                    return Box::pin(self.claim(from.spent(), d, hint, false)).await;
                 }
             }
         } else {
@@ -259,7 +331,7 @@ impl Agent {
         let Some(won) = won else {
             metrics::counter!(m::CLAIM_CONFLICTS).increment(1);
             self.lock().ledger.release(&id);
-            return self.drop_stale(&d, None, "lost_race").await;
+            return self.drop_stale(&d, from.spent(), "lost_race").await;
         };
         self.lock().owned.insert(
             id.clone(),

@@ -213,6 +213,7 @@ pub async fn start(
         map,
         max_attempts: cluster.max_attempts,
         flags: BTreeMap::new(),
+        aside: placement::step_aside::StepAside::default(),
         demand: Vec::new(),
         holding: None,
         pulls: BTreeMap::new(),

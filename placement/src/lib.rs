@@ -16,6 +16,7 @@
 //! * `checks`: node-side checks the shards cannot route, as named rejections.
 //! * `policy`: pack / spread / random as pull priorities; the starvation guard.
 //! * `pull`: which pulls a node keeps outstanding.
+//! * `step_aside`: a node that hands a message back pulls that lane last for a while.
 //! * `lifecycle`: the request record and its state machine.
 //! * `wire`: versioned messages between components (unknown fields tolerated).
 //! * `explain`: admission and "why pending" explanations from advertisements.
@@ -34,6 +35,7 @@ pub mod pull;
 pub mod request;
 pub mod resources;
 pub mod shard;
+pub mod step_aside;
 pub mod subjects;
 pub mod takers;
 pub mod time;

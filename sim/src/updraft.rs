@@ -25,6 +25,7 @@ use placement::ledger::{NodeLedger, PullId};
 use placement::policy::Policy;
 use placement::pull::{NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls};
 use placement::shard::{ClassKey, Routable};
+use placement::step_aside::StepAside;
 use placement::wire::{BacklogFlag, DemandEntry};
 use placement::{Lane, RequestId, Resources, ShardId, ShardMap, Timestamp, Zone};
 use rand::{RngExt, SeedableRng};
@@ -37,6 +38,7 @@ use crate::stats::{FleetTally, Recorder, Report, Sample};
 use crate::workload::{Arrival, Workload, WorkloadError};
 
 mod backlog;
+mod lanes;
 
 /// A latency: a fixed part plus an exponential tail with the given mean (ms).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -183,6 +185,8 @@ struct NodeSim {
     ledger: NodeLedger,
     /// Outstanding pulls: lane, priority, and messages each still waits for.
     pulls: BTreeMap<u64, (u32, u8, u32)>,
+    /// Lanes it pulls last for a while, having handed a message of them back.
+    aside: StepAside,
     next_pull: u64,
     alive: bool,
     vms: u32,
@@ -203,8 +207,11 @@ enum Ev {
         req: u64,
         lane: u32,
     },
-    Retry {
+    /// A message handed back (or left by a dead node) is due again: it goes ahead of the
+    /// lane's new messages, as JetStream redelivers.
+    Redeliver {
         lane: u32,
+        msg: Msg,
     },
     Deliver {
         node: u32,
@@ -236,6 +243,10 @@ enum Ev {
     },
     Death,
     Back {
+        node: u32,
+    },
+    /// A node's step-aside ends: it re-plans to take its place back.
+    Replan {
         node: u32,
     },
     Sweep,
@@ -286,6 +297,15 @@ impl Sim<'_> {
         shard * 2 + u32::from(lane == Lane::Spill)
     }
 
+    /// Which lane of its shard lane index `lane` is (the inverse of `lane_of`).
+    fn lane_kind(lane: u32) -> Lane {
+        if lane % 2 == 1 {
+            Lane::Spill
+        } else {
+            Lane::Fit
+        }
+    }
+
     fn shard_index(&mut self, s: &ShardId) -> u32 {
         if let Some(i) = self.shard_ix.get(s) {
             return *i;
@@ -328,23 +348,14 @@ impl Sim<'_> {
             cfg: &self.cfg.pull,
             now: Timestamp(now),
         };
-        let plan = plan_pulls(&input, &mut node.rng);
+        let mut plan = plan_pulls(&input, &mut node.rng);
+        node.aside.apply(&mut plan.pulls, input.now);
         let held: Vec<(u64, &ShardId, Lane, u8, u32)> = node
             .pulls
             .iter()
             .map(|(id, (lane, prio, left))| {
                 let s = &self.shards[(*lane / 2) as usize];
-                (
-                    *id,
-                    s,
-                    if lane % 2 == 1 {
-                        Lane::Spill
-                    } else {
-                        Lane::Fit
-                    },
-                    *prio,
-                    *left,
-                )
+                (*id, s, Self::lane_kind(*lane), *prio, *left)
             })
             .collect();
         let PullDiff { cancel, issue } = diff_pulls(
@@ -422,79 +433,6 @@ impl Sim<'_> {
         }
     }
 
-    /// Hands waiting messages of `lane` to its best waiting pulls.
-    fn serve(&mut self, lane: u32, now: Millis) {
-        let expiry = u64::try_from(self.cfg.pull.expiry.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        loop {
-            // purge hints of requests that moved on (the dispatcher purges them too)
-            let lq = &mut self.lanes[lane as usize];
-            let Some(msg) = lq.msgs.front().copied() else {
-                return;
-            };
-            let live = self.reqs.get(&msg.req).is_some_and(|r| {
-                r.attempt == msg.attempt
-                    && matches!(r.state, ReqState::Waiting | ReqState::Claiming(_))
-            });
-            if !live {
-                lq.msgs.pop_front();
-                continue;
-            }
-            // the best waiting pull: priority, then arrival (an expired pull was re-issued)
-            let mut chosen = None;
-            'buckets: for b in 0..10 {
-                while let Some(w) = self.lanes[lane as usize].buckets[b].front().copied() {
-                    let alive = self.nodes[w.node as usize]
-                        .pulls
-                        .get(&w.pull)
-                        .is_some_and(|(l, _, _)| *l == lane);
-                    let lq = &mut self.lanes[lane as usize];
-                    if !alive {
-                        lq.buckets[b].pop_front();
-                        continue;
-                    }
-                    if now.saturating_sub(w.issued) >= expiry {
-                        lq.buckets[b].pop_front();
-                        let reissued = w.issued + (now - w.issued) / expiry * expiry;
-                        lq.buckets[b].push_back(WaitingPull {
-                            issued: reissued,
-                            ..w
-                        });
-                        self.rec.count("pulls_reissued", 1);
-                        continue;
-                    }
-                    chosen = Some((b, w));
-                    break 'buckets;
-                }
-            }
-            let Some((b, w)) = chosen else { return };
-            // a pull for several messages stays first in line until it has them all
-            let node = &mut self.nodes[w.node as usize];
-            let lq = &mut self.lanes[lane as usize];
-            lq.msgs.pop_front();
-            match node.pulls.get_mut(&w.pull) {
-                Some((_, _, left)) if *left > 1 => *left -= 1,
-                _ => {
-                    node.pulls.remove(&w.pull);
-                    lq.buckets[b].pop_front();
-                    lq.waiting -= 1;
-                }
-            }
-            self.rec.count("deliveries", 1);
-            let at = now + self.cfg.fetch.draw(&mut self.rng);
-            self.q.push(
-                at,
-                Ev::Deliver {
-                    node: w.node,
-                    pull: w.pull,
-                    msg,
-                    lane,
-                },
-            );
-        }
-    }
-
     fn publish(&mut self, req: u64, lane: u32, now: Millis) {
         let at = now + self.cfg.publish.draw(&mut self.rng);
         self.q.push(at, Ev::Publish { req, lane });
@@ -555,7 +493,10 @@ impl Sim<'_> {
                     self.serve(lane, now);
                 }
             }
-            Ev::Retry { lane } => self.serve(lane, now),
+            Ev::Redeliver { lane, msg } => {
+                self.lanes[lane as usize].msgs.push_front(msg);
+                self.serve(lane, now);
+            }
             Ev::Deliver {
                 node,
                 pull,
@@ -657,6 +598,7 @@ impl Sim<'_> {
                 }
             }
             Ev::Death => self.death(now),
+            Ev::Replan { node } => self.replan(node, now),
             Ev::Back { node } => {
                 let n = &mut self.nodes[node as usize];
                 n.alive = true;
@@ -734,53 +676,6 @@ impl Sim<'_> {
             now.saturating_add(self.cfg.deadline),
             Ev::Deadline { req: a.seq },
         );
-    }
-
-    fn deliver(&mut self, node: u32, pull: u64, msg: Msg, lane: u32, now: Millis) {
-        let back = |s: &mut Self, delay: Millis, why: &'static str| {
-            s.rec.count(why, 1);
-            s.lanes[lane as usize].msgs.push_front(msg);
-            s.q.push(now + delay, Ev::Retry { lane });
-        };
-        if !self.nodes[node as usize].alive {
-            return back(self, self.cfg.ack_wait, "redelivered_after_death");
-        }
-        let state = self
-            .reqs
-            .get(&msg.req)
-            .filter(|r| r.attempt == msg.attempt)
-            .map(|r| r.state);
-        let n = &mut self.nodes[node as usize];
-        match state {
-            Some(ReqState::Waiting | ReqState::Claiming(_)) => {}
-            _ => {
-                // stale: the record moved on
-                n.ledger.return_unit(PullId(pull));
-                self.rec.count("stale_deliveries", 1);
-                return self.replan(node, now);
-            }
-        }
-        let r = self.reqs.get(&msg.req).expect("checked above");
-        if r.excluded.contains(&node) {
-            n.ledger.return_unit(PullId(pull));
-            back(self, self.cfg.nak_delay, "naks");
-            return self.replan(node, now);
-        }
-        if n.ledger
-            .reserve_from_pull(PullId(pull), &rid(msg.req), &r.res, None)
-            .is_err()
-        {
-            back(self, self.cfg.nak_delay, "naks");
-            return self.replan(node, now);
-        }
-        if let Some(r) = self.reqs.get_mut(&msg.req)
-            && r.state == ReqState::Waiting
-        {
-            r.state = ReqState::Claiming(node);
-        }
-        let at = now + self.cfg.cas.draw(&mut self.rng);
-        self.q.push(at, Ev::ClaimDone { node, req: msg.req });
-        self.replan(node, now);
     }
 
     fn death(&mut self, now: Millis) {
@@ -870,6 +765,7 @@ pub fn run(
             },
             ledger: n.ledger(),
             pulls: BTreeMap::new(),
+            aside: StepAside::default(),
             next_pull: 0,
             alive: true,
             vms: 0,

@@ -340,3 +340,26 @@ fn requests_the_scheduler_cannot_reach_before_their_deadline_fail() {
     .unwrap();
     assert_eq!(r.placed, 100);
 }
+
+#[test]
+fn a_node_that_hands_a_request_back_lets_a_peer_take_it() {
+    // under pack the fullest node is the first in line for every request; when a build fails
+    // there, the request comes back excluding it. Were it to stay first in line, every
+    // redelivery would come back to it until the deadline failed the request.
+    let rows: Vec<_> = (0..40).map(|i| (i, 3_600, 2, 8192)).collect();
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace { path, limit: None };
+    let c = cluster(6, 16, 64);
+    let mut cfg = updraft_cfg(Policy::Pack, 3);
+    cfg.build_failure_rate = 0.25;
+    let r = updraft::run(c.nodes().unwrap(), w.open().unwrap(), &cfg).unwrap();
+    let count = |k: &str| r.counters.get(k).copied().unwrap_or(0);
+    let failed_builds = count("builds_failed");
+    assert!(failed_builds >= 5, "the scenario needs failures: {r:?}");
+    // a request fails only by running out of attempts, never by waiting out its deadline
+    assert_eq!(r.placed + r.failed, 40, "{r:?}");
+    assert!(r.failed <= failed_builds / 3, "{r:?}");
+    // each failed build costs a nak or two, not one per nak delay until the deadline
+    assert!(count("naks") <= 2 * failed_builds, "{:?}", r.counters);
+    assert!(r.wait.max < 15_000, "{:?}", r.wait);
+}
