@@ -219,7 +219,8 @@ pub struct Config {
     pub heartbeat_interval: Option<Duration>,
     /// Pulls: policy, order, limits, starvation guard.
     pub pull: PullConfig,
-    /// Delay before a handed-back request is redelivered.
+    /// Delay before a handed-back request is redelivered (the node pulls that lane at the
+    /// worst priority for twice this, at least 1 s: `placement::step_aside`).
     #[serde(with = "humantime_serde")]
     pub nak_delay: Duration,
     /// Consecutive build failures after which the node cordons itself.
