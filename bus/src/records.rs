@@ -131,7 +131,8 @@ impl RecordStore {
 
     /// Applies `change` to the current record and writes the result with a compare-and-swap,
     /// re-reading and re-applying on conflict (so `change` always decides on fresh data). After
-    /// an ambiguous write it re-reads from the leader. `change` returning the record unchanged
+    /// an ambiguous write it re-reads from the leader; a refusal by `change` is confirmed on
+    /// the leader's copy before it is returned. `change` returning the record unchanged
     /// writes nothing.
     pub async fn update<F>(
         &self,
@@ -163,8 +164,23 @@ impl RecordStore {
                 None if leader => self.get_leader(id).await?,
                 None => self.get(id).await?,
             };
-            let current = current.ok_or(UpdateError::Missing)?;
-            let next = change(&current.value).map_err(UpdateError::Transition)?;
+            let Some(current) = current else {
+                if leader {
+                    return Err(UpdateError::Missing);
+                }
+                leader = true;
+                continue;
+            };
+            let next = match change(&current.value) {
+                Ok(next) => next,
+                // a refusal is final only on the leader's copy: the record in hand or a
+                // replica's may be stale (a node's re-confirmed claim after a failover)
+                Err(_) if !leader => {
+                    leader = true;
+                    continue;
+                }
+                Err(e) => return Err(UpdateError::Transition(e)),
+            };
             if next == current.value {
                 return Ok(current);
             }

@@ -161,6 +161,63 @@ async fn records_create_cas_and_conflict() {
     );
 }
 
+/// A step refused on the record in hand is decided again on the leader's copy: a node that
+/// re-confirmed its claim under a new epoch (after a failover) while a build held the old
+/// record must still be able to finish that build.
+#[tokio::test]
+async fn a_refusal_on_a_stale_record_is_decided_on_the_leaders_copy() {
+    let server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let r = record("stale-step");
+    b.records.create(&r).await.unwrap();
+    let old = placement::Claim {
+        node: NodeId::new("n1").unwrap(),
+        epoch: Epoch(1),
+        token: ClaimToken(7),
+        at: Timestamp(1),
+        sig: None,
+    };
+    let id = r.spec.id.clone();
+    let claimed = b
+        .records
+        .update(&id, |r| r.claim(1, old.clone(), Timestamp(2)))
+        .await
+        .unwrap();
+    // the node fences and re-confirms its claim under epoch 2
+    b.records
+        .update(&id, |r| r.reconfirm(&old, Epoch(2), Timestamp(3)))
+        .await
+        .unwrap();
+    let new = placement::Claim {
+        epoch: Epoch(2),
+        ..old.clone()
+    };
+    assert!(claimed.value.start_build(&new, Timestamp(4)).is_err());
+    let building = b
+        .records
+        .update_from(&id, Some(claimed), |r| r.start_build(&new, Timestamp(4)))
+        .await
+        .unwrap();
+    assert_eq!(building.value.state, placement::lifecycle::State::Building);
+    // a refusal that holds on the leader's copy is returned
+    let stranger = placement::Claim {
+        token: ClaimToken(8),
+        ..new.clone()
+    };
+    assert!(matches!(
+        b.records
+            .update_from(&id, Some(building), |r| r.activate(&stranger, Timestamp(5)))
+            .await,
+        Err(bus::records::UpdateError::Transition(_))
+    ));
+    assert!(matches!(
+        b.records
+            .update(&RequestId::new("never-made").unwrap(), |r| Ok(r.clone()))
+            .await,
+        Err(bus::records::UpdateError::Missing)
+    ));
+}
+
 #[tokio::test]
 async fn record_watch_replays_then_follows() {
     let server = testkit::nats();

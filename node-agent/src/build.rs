@@ -67,10 +67,7 @@ impl Agent {
                 if active.is_none() {
                     return self.superseded(&id, true).await;
                 }
-                self.set_phase(&id, Phase::Active);
-                self.lock().consecutive_failures = 0;
-                metrics::counter!(m::BUILDS, "outcome" => "active").increment(1);
-                tracing::info!(request.id = %id, "vm running");
+                self.running(&id);
             }
             Err(e) => {
                 metrics::counter!(m::BUILDS, "outcome" => "failed").increment(1);
@@ -115,11 +112,13 @@ impl Agent {
             &RequestRecord,
         ) -> Option<Result<RequestRecord, placement::lifecycle::TransitionError>>,
     {
+        // after a failed write the record in hand is stale: later rounds read it again
+        let mut known = known;
         loop {
             let res = self
                 .bus
                 .records
-                .update_from(id, known.clone(), |r| {
+                .update_from(id, known.take(), |r| {
                     change(self, r)
                         .unwrap_or(Err(placement::lifecycle::TransitionError::ClaimMismatch))
                 })
@@ -183,6 +182,14 @@ impl Agent {
         self.replan.notify_one();
     }
 
+    /// The build is done and the record says `active` with this node's claim.
+    fn running(&self, id: &RequestId) {
+        self.set_phase(id, Phase::Active);
+        self.lock().consecutive_failures = 0;
+        metrics::counter!(m::BUILDS, "outcome" => "active").increment(1);
+        tracing::info!(request.id = %id, "vm running");
+    }
+
     /// A record step of a build was refused. Reads the record from the leader (never
     /// destroying on a failed read) and acts on what it says: finish a delete the user asked
     /// for; if the record still carries our claim (a refused write is not proof that we lost
@@ -202,25 +209,33 @@ impl Agent {
             }
         };
         let ours = self.claim_of(id);
-        let deleting = record.as_ref().is_some_and(|r| {
-            r.value.state == State::Deleting
-                && r.value
-                    .claim
-                    .as_ref()
-                    .zip(ours.as_ref())
-                    .is_some_and(|(a, b)| a.same_owner(b))
-        });
+        let has_our_claim = |r: &Versioned<RequestRecord>| {
+            r.value
+                .claim
+                .as_ref()
+                .zip(ours.as_ref())
+                .is_some_and(|(a, b)| a.same_owner(b))
+        };
+        let deleting = record
+            .as_ref()
+            .is_some_and(|r| r.value.state == State::Deleting && has_our_claim(r));
         if deleting {
             self.finish_delete(id).await;
             return;
         }
+        // a write whose reply was lost (a stream leader failing over) may have landed: the
+        // retry then finds the record already `active` under this claim, which is success
+        if built
+            && record
+                .as_ref()
+                .is_some_and(|r| r.value.state == State::Active && has_our_claim(r))
+        {
+            tracing::info!(request.id = %id, "our activation had landed (its reply was lost)");
+            self.running(id);
+            return;
+        }
         let still_ours = record.as_ref().is_some_and(|r| {
-            matches!(r.value.state, State::Claimed | State::Building)
-                && r.value
-                    .claim
-                    .as_ref()
-                    .zip(ours.as_ref())
-                    .is_some_and(|(a, b)| a.same_owner(b))
+            matches!(r.value.state, State::Claimed | State::Building) && has_our_claim(r)
         });
         if still_ours && built {
             tracing::info!(request.id = %id, "record still ours after a refused step; finishing the build");
