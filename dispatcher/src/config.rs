@@ -43,8 +43,14 @@ impl Size {
 }
 
 /// Default period of the sweep (deadlines, spill, backlog flags, missing hints, reaping): it
-/// bounds how late a request spills after [`DEFAULT_SPILL_AFTER`].
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// bounds how late a request spills after [`DEFAULT_SPILL_AFTER`] and how late a class is
+/// flagged after [`DEFAULT_FLAG_AFTER`].
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Default wait after which a class is flagged, so that its takers (nodes with room that are
+/// spending their credit on other classes) pull it: well before its spill deadline, which
+/// stays the point where near-fit takers, the pack tiers and the starvation guard act.
+pub const DEFAULT_FLAG_AFTER: Duration = Duration::from_millis(100);
 
 /// The size ladder: √2 steps from `base` (the smallest class) to `top` (the largest request
 /// accepted).
@@ -149,6 +155,10 @@ pub struct Config {
     /// How often the sweep looks at every open request.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// A class whose oldest request has waited this long is flagged (capped at its spill
+    /// deadline): nodes with room for the class's bound pull it.
+    #[serde(with = "humantime_serde")]
+    pub flag_after: Duration,
     /// Time a restarted node gets to re-confirm its claims before they are reaped.
     #[serde(with = "humantime_serde")]
     pub reap_grace: Duration,
@@ -180,6 +190,7 @@ impl Default for Config {
             default_deadline_s: DEFAULT_DEADLINE_S,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            flag_after: DEFAULT_FLAG_AFTER,
             reap_grace: Duration::from_secs(15),
             hint_check_after: Duration::from_secs(10),
             recent_finished: 10_000,

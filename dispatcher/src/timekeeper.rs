@@ -397,8 +397,10 @@ impl Dispatcher {
         let queued = self.view().queued_by_class();
         let mut backed_up = Vec::new();
         for (class, q) in &queued {
+            // flagged early, dated from the spill deadline (a flag's `since`, which the pack
+            // tiers, near-fit takers and the starvation guard count from, may lie ahead)
             let after = self.spill_after(class.size);
-            if now.since(q.oldest) >= after {
+            if now.since(q.oldest) >= after.min(self.cfg.flag_after) {
                 backed_up.push((class.clone(), q.oldest.plus(after)));
             }
         }

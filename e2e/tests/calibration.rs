@@ -110,6 +110,7 @@ fn simulate(
     cfg.lease_ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap();
     cfg.sample_every = 1000;
     cfg.sweep_every = u64::try_from(dispatcher.sweep_interval.as_millis()).unwrap();
+    cfg.flag_after = u64::try_from(dispatcher.flag_after.as_millis()).unwrap();
     let wl = WorkloadSpec::Trace { path, limit: None }.open().unwrap();
     let r = sim::updraft::run(cluster.nodes().unwrap(), wl, &cfg).unwrap();
     Outcome {

@@ -189,7 +189,9 @@ pub fn hold_back(
     for b in backlogged {
         let f = b.flag;
         let until = f.since.plus(cfg.max_hold);
-        if f.class.size < cfg.min_class || now >= until {
+        // from the spill deadline on (`since`): a class flagged earlier draws its full-fit
+        // takers, nothing is held back for it yet
+        if f.class.size < cfg.min_class || now >= until || now < f.since {
             continue;
         }
         // what to make room for: the smallest waiting request (a near-fit taker can take it
@@ -361,6 +363,12 @@ mod tests {
             hold_back(&n, &cap, &unalloc, &bl, &cfg, late).is_some()
         });
         assert!(!any);
+        // nor before the backlog's spill deadline (a class flagged early for its takers)
+        let early = (0..2000).any(|i| {
+            let n = NodeId::new(format!("n{i}")).unwrap();
+            hold_back(&n, &cap, &unalloc, &bl, &cfg, Timestamp(999)).is_some()
+        });
+        assert!(!early);
         // nor a node of a partition where nothing waits
         let elsewhere = BacklogFlag {
             takers: Some(vec![crate::takers::PartitionTakers {

@@ -274,7 +274,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
                 credit: b.bound.clone(),
                 bound: b.bound.clone(),
             });
-        } else if cfg.near_fit && home.contains(tclass) {
+        } else if cfg.near_fit && home.contains(tclass) && now >= b.flag.since {
             // near fit: worth a spill pull when this node could hold the smallest waiting one
             let smallest = if b.flag.smallest.is_zero() {
                 map.lower_bound(size)
@@ -581,6 +581,37 @@ mod tests {
             updated_at: Timestamp(0),
             takers: None,
         }
+    }
+
+    /// A class flagged before its spill deadline (`since` ahead of now): a node with room for
+    /// its bound pulls its fit lane first, a near-fit node leaves the spill lane alone (no
+    /// hint spilled yet) and plans as without the flag.
+    #[test]
+    fn an_early_flag_draws_full_fit_takers_only() {
+        let early = BacklogFlag {
+            since: Timestamp(1500),
+            ..flag(5)
+        };
+        let (node, map, ledger) = setup(64);
+        let p = plan(
+            &node,
+            &map,
+            &ledger,
+            &[],
+            std::slice::from_ref(&early),
+            &cfg(),
+        );
+        assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Fit));
+        let (node, map, mut ledger) = setup(64);
+        ledger
+            .reserve(
+                &crate::ids::RequestId::new("a").unwrap(),
+                &Resources::new(1, 59 * 1024, 0),
+                None,
+            )
+            .unwrap();
+        let none = plan(&node, &map, &ledger, &[], &[], &cfg());
+        assert_eq!(plan(&node, &map, &ledger, &[], &[early], &cfg()), none);
     }
 
     #[test]

@@ -254,15 +254,17 @@ pub struct AdminState {
     pub by: String,
 }
 
-/// One flag per class saying its queue backs up, written by dispatchers, read by nodes (the
-/// starvation guard and overflow takers), so no node polls consumer info.
+/// One flag per class saying its queue backs up, written by dispatchers, read by nodes (its
+/// takers, the starvation guard, the pack tiers), so no node polls consumer info.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BacklogFlag {
     /// Version.
     pub v: u32,
     /// The class.
     pub class: ClassKey,
-    /// Since when it has been backed up.
+    /// Since when it has been backed up: its oldest waiting request's spill deadline. A class
+    /// is flagged before that (the dispatcher's `flag_after`), so full-fit takers pull it at
+    /// once; near-fit takers, the pack tiers and the starvation guard count from `since`.
     pub since: Timestamp,
     /// Age of the oldest waiting hint when last measured (ms).
     pub oldest_age_ms: u64,

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use placement::policy::Policy;
-use placement::pull::PullConfig;
+use placement::pull::{PullConfig, PullOrder};
 use placement::resources::AllocationRatios;
 use placement::shard::{MAX_PARTITIONS, default_shard_map, zone};
 use sim::central::{self, CentralConfig, DecisionCost};
@@ -60,6 +60,26 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// `pull.order` on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OrderArg {
+    Demand,
+    LargestThenSmallest,
+    SmallestFirst,
+    LargestFirst,
+}
+
+impl From<OrderArg> for PullOrder {
+    fn from(o: OrderArg) -> Self {
+        match o {
+            OrderArg::Demand => Self::Demand,
+            OrderArg::LargestThenSmallest => Self::LargestThenSmallest,
+            OrderArg::SmallestFirst => Self::SmallestFirst,
+            OrderArg::LargestFirst => Self::LargestFirst,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -120,8 +140,12 @@ struct Common {
     build_s: u64,
     /// updraft: milliseconds between the dispatcher's sweeps (the dispatcher's
     /// `sweep_interval`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 100)]
     sweep_ms: u64,
+    /// updraft: milliseconds a class waits before it is flagged for its takers (the
+    /// dispatcher's `flag_after`).
+    #[arg(long, default_value_t = 100)]
+    flag_after_ms: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]
     build_failure_rate: f64,
@@ -134,6 +158,9 @@ struct Common {
     /// updraft: tiers empty nodes open in (pack).
     #[arg(long)]
     open_tiers: Option<u8>,
+    /// updraft: how a node spends its credit on classes (`pull.order`).
+    #[arg(long, value_enum)]
+    pull_order: Option<OrderArg>,
     /// updraft: most messages one node pulls for at once (`max_pulls`).
     #[arg(long)]
     max_pulls: Option<usize>,
@@ -231,12 +258,16 @@ impl Common {
         if let Some(t) = self.open_tiers {
             pull.open_tiers = t;
         }
+        if let Some(o) = self.pull_order {
+            pull.order = o.into();
+        }
         if let Some(s) = self.guard_share {
             pull.guard.share = s;
         }
         let mut cfg = UpdraftConfig::new(map, pull, self.seed);
         cfg.build_time = self.build_s * 1000;
         cfg.sweep_every = self.sweep_ms.max(1);
+        cfg.flag_after = self.flag_after_ms;
         cfg.deadline = self.deadline_s * 1000;
         cfg.build_failure_rate = self.build_failure_rate;
         cfg.node_death_rate = self.node_death_rate;

@@ -99,6 +99,8 @@ pub struct UpdraftConfig {
     pub lease_ttl: Millis,
     /// Time between the dispatcher's sweeps (backlog flags, deadlines), ms.
     pub sweep_every: Millis,
+    /// The dispatcher's `flag_after`: a class waiting this long is flagged, ms.
+    pub flag_after: Millis,
     /// Time between samples.
     pub sample_every: Millis,
     /// Seed.
@@ -131,7 +133,8 @@ impl UpdraftConfig {
             node_death_rate: 0.0,
             repair_time: 600_000,
             lease_ttl: 15_000,
-            sweep_every: 500,
+            sweep_every: 100,
+            flag_after: 100,
             sample_every: 300_000,
             seed,
         }

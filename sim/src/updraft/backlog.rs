@@ -53,10 +53,14 @@ impl Sim<'_> {
     pub(super) fn sweep(&mut self, now: Millis) {
         let backed_up: Vec<usize> = (0..self.waiting.len())
             .filter(|ci| {
-                let spill = self.spill_ms(self.classes[*ci].size);
+                // flagged at `flag_after` (at most the spill deadline), dated from the spill
+                // deadline, as in dispatcher/src/timekeeper.rs
+                let after = self
+                    .spill_ms(self.classes[*ci].size)
+                    .min(self.cfg.flag_after);
                 self.waiting[*ci]
                     .first()
-                    .is_some_and(|(oldest, _)| now.saturating_sub(*oldest) >= spill)
+                    .is_some_and(|(oldest, _)| now.saturating_sub(*oldest) >= after)
             })
             .collect();
         let mut flags = Vec::new();
@@ -83,8 +87,8 @@ impl Sim<'_> {
                 }
             }
         }
-        let (open_more, guard_ended) = self.thresholds_crossed(&flags, now);
-        for ci in guard_ended {
+        let (open_more, takers_due) = self.thresholds_crossed(&flags, now);
+        for ci in takers_due {
             let class = &self.classes[ci as usize];
             let f = flags.iter().find(|f| &f.class == class);
             for part in parts_of(f) {
@@ -326,7 +330,8 @@ impl Sim<'_> {
 
     /// Whether, since the last sweep, a backlog passed a point where the planner's answer
     /// changes with time alone: the age at which the next tier of empty nodes opens (pack),
-    /// or the guard's longest hold. The agent re-plans each second and sees these on its
+    /// and the classes whose takers re-plan: at the flag's `since` (near-fit takers and the
+    /// guard start) or the guard's longest hold. The agent re-plans each second and sees these on its
     /// own; the model re-plans on events, so it must be told.
     fn thresholds_crossed(&self, flags: &[BacklogFlag], now: Millis) -> (bool, BTreeSet<u32>) {
         let prev = self.last_sweep;
@@ -337,19 +342,21 @@ impl Sim<'_> {
         let max_hold = u64::try_from(self.cfg.pull.guard.max_hold.as_millis()).unwrap_or(u64::MAX);
         let tiered = self.cfg.pull.policy == Policy::Pack && self.cfg.pull.open_tiers > 1;
         let mut open_more = false;
-        let mut guard_ended = BTreeSet::new();
+        let mut takers_due = BTreeSet::new();
         for f in flags {
             let spill = self.spill_ms(f.class.size);
             if tiered {
                 open_more |= (1..u64::from(self.cfg.pull.open_tiers))
                     .any(|k| crossed(f.since, spill.saturating_mul(k)));
             }
-            if crossed(f.since, max_hold)
+            // at `since` (a flag raised before it) near-fit takers and the guard start; at
+            // `since + max_hold` the guard ends
+            if (crossed(f.since, 0) || crossed(f.since, max_hold))
                 && let Some(ci) = self.class_ix.get(&f.class)
             {
-                guard_ended.insert(*ci);
+                takers_due.insert(*ci);
             }
         }
-        (open_more, guard_ended)
+        (open_more, takers_due)
     }
 }
