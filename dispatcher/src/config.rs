@@ -45,11 +45,13 @@ impl Size {
 /// Default period of the sweep (deadlines, spill, backlog flags, missing hints, reaping): it
 /// bounds how late a request spills after [`DEFAULT_SPILL_AFTER`] and how late a class is
 /// flagged after [`DEFAULT_FLAG_AFTER`].
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Default wait after which a class is flagged, so that its takers (nodes with room that are
-/// spending their credit on other classes) pull it: well before its spill deadline, which
-/// stays the point where near-fit takers, the pack tiers and the starvation guard act.
+/// spending their credit on other classes) pull it: before its spill deadline, which stays
+/// the point where near-fit takers, the pack tiers and the starvation guard act. The flag is
+/// raised at the first sweep after it: a shorter `sweep_interval` flags sooner, at the cost
+/// of more flag writes, each of which reaches every node (docs/sim.md).
 pub const DEFAULT_FLAG_AFTER: Duration = Duration::from_millis(100);
 
 /// The size ladder: √2 steps from `base` (the smallest class) to `top` (the largest request

@@ -140,7 +140,7 @@ struct Common {
     build_s: u64,
     /// updraft: milliseconds between the dispatcher's sweeps (the dispatcher's
     /// `sweep_interval`).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 500)]
     sweep_ms: u64,
     /// updraft: milliseconds a class waits before it is flagged for its takers (the
     /// dispatcher's `flag_after`).

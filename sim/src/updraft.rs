@@ -133,7 +133,7 @@ impl UpdraftConfig {
             node_death_rate: 0.0,
             repair_time: 600_000,
             lease_ttl: 15_000,
-            sweep_every: 100,
+            sweep_every: 500,
             flag_after: 100,
             sample_every: 300_000,
             seed,
