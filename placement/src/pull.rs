@@ -602,22 +602,15 @@ mod tests {
             &cfg(),
         );
         assert_eq!((p.pulls[0].shard.size, p.pulls[0].lane), (5, Lane::Fit));
-        let (node, map, mut ledger) = setup(64);
-        ledger
-            .reserve(
-                &crate::ids::RequestId::new("a").unwrap(),
-                &Resources::new(1, 59 * 1024, 0),
-                None,
-            )
-            .unwrap();
+        let (node, map, ledger) = five_gib_left();
         let none = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert_eq!(plan(&node, &map, &ledger, &[], &[early], &cfg()), none);
     }
 
-    #[test]
-    fn near_fit_only_for_backlogged_classes_and_uses_the_lower_bound() {
+    /// A 64 GiB node with 5 GiB left: full fit up to size 4 (4 GiB), near fit for size 5
+    /// (5.6 GiB).
+    fn five_gib_left() -> (NodeProfile, ShardMap, NodeLedger) {
         let (node, map, mut ledger) = setup(64);
-        // leave 5 GiB: full fit up to size 4 (4 GiB), near fit for size 5 (5.6 GiB)
         ledger
             .reserve(
                 &crate::ids::RequestId::new("a").unwrap(),
@@ -625,6 +618,12 @@ mod tests {
                 None,
             )
             .unwrap();
+        (node, map, ledger)
+    }
+
+    #[test]
+    fn near_fit_only_for_backlogged_classes_and_uses_the_lower_bound() {
+        let (node, map, ledger) = five_gib_left();
         let p = plan(&node, &map, &ledger, &[], &[], &cfg());
         assert!(p.pulls.iter().all(|i| i.lane == Lane::Fit));
         assert_eq!(p.pulls[0].shard.size, 4);
