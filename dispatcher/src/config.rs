@@ -48,11 +48,12 @@ impl Size {
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Default wait after which a class is flagged, so that its takers (nodes with room that are
-/// spending their credit on other classes) pull it: before its spill deadline, which stays
-/// the point where near-fit takers, the pack tiers and the starvation guard act. The flag is
-/// raised at the first sweep after it: a shorter `sweep_interval` flags sooner, at the cost
-/// of more flag writes, each of which reaches every node (docs/sim.md).
-pub const DEFAULT_FLAG_AFTER: Duration = Duration::from_millis(100);
+/// spending their credit on other classes) pull it. Set below the spill deadline, a class is
+/// flagged before it (near-fit takers, the pack tiers and the starvation guard still wait for
+/// the deadline); the flag is raised at the first sweep after it, so it pays only with a
+/// shorter `sweep_interval`, at the cost of more flag writes, each of which reaches every
+/// node (docs/sim.md). The default is the default spill deadline: flags at the deadline.
+pub const DEFAULT_FLAG_AFTER: Duration = DEFAULT_SPILL_AFTER;
 
 /// The size ladder: √2 steps from `base` (the smallest class) to `top` (the largest request
 /// accepted).

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use placement::explain::explain;
 use placement::lifecycle::{Claim, RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
-use placement::takers::{draws_in, eligible_draws, settle_takers};
+use placement::takers::{draws_in, eligible_draws, flag_since, settle_takers};
 use placement::wire::{
     BacklogFlag, ClassDemand, CommandKind, DemandEntry, NodeCommand, TimerKind, WIRE_VERSION,
 };
@@ -175,11 +175,12 @@ impl Dispatcher {
     }
 
     /// Raises (or refreshes) `class`'s backlog flag. `since` is when the class became backed
-    /// up (its oldest waiting request's spill deadline); a flag still raised keeps its first
-    /// `since`, so the pack tiers and the starvation guard count from one instant. The flag's
+    /// up (its oldest waiting request's spill deadline); a flag still backed up keeps its
+    /// first `since` (`placement::takers::flag_since`), so the pack tiers and the starvation
+    /// guard count from one instant. The flag's
     /// takers (per partition with requests waiting) are settled against the nodes'
     /// advertisements each sweep (`placement::takers`); a flag is written when first raised,
-    /// when its takers move, and every `FLAG_REFRESH`. `queue` is the class's queue when the
+    /// when its takers or its `since` move, and every `FLAG_REFRESH`. `queue` is the class's queue when the
     /// caller has measured it (the sweep); without it (a spill) only a new flag is raised.
     async fn raise_flag(
         &self,
@@ -207,7 +208,7 @@ impl Dispatcher {
             let mut flag = BacklogFlag {
                 v: WIRE_VERSION,
                 class: class.clone(),
-                since: prev.as_ref().map_or(since, |f| f.since),
+                since: flag_since(prev.as_ref(), since, now),
                 oldest_age_ms: now
                     .since(measured.oldest)
                     .as_millis()
@@ -230,9 +231,11 @@ impl Dispatcher {
             }
             flag
         };
-        let due = prev
-            .as_ref()
-            .is_none_or(|f| now.since(f.updated_at) >= FLAG_REFRESH || f.takers != flag.takers);
+        let due = prev.as_ref().is_none_or(|f| {
+            now.since(f.updated_at) >= FLAG_REFRESH
+                || f.takers != flag.takers
+                || f.since != flag.since
+        });
         if !due {
             return;
         }

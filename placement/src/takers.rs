@@ -211,6 +211,24 @@ pub fn eligible_draws<'a>(
     out
 }
 
+/// The `since` of a flag being raised or refreshed, given the previous flag and `deadline`,
+/// the spill deadline of the class's oldest waiting request. While the class stays backed up
+/// (that deadline has passed) the flag keeps its first `since`, so the pack tiers and the
+/// starvation guard count from one instant; a class flagged before its deadline (the
+/// dispatcher's `flag_after`) is dated from that deadline, and so is one that was backed up
+/// and no longer is (its oldest request now is a newer one): its tiers close and its guard
+/// ends, as when a flag is lowered, instead of counting on from a backlog that has drained.
+pub fn flag_since(
+    prev: Option<&BacklogFlag>,
+    deadline: crate::Timestamp,
+    now: crate::Timestamp,
+) -> crate::Timestamp {
+    match prev {
+        Some(f) if deadline <= now => f.since.min(deadline),
+        _ => deadline,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +254,40 @@ mod tests {
             updated_at: Timestamp(0),
             takers,
         }
+    }
+
+    #[test]
+    fn a_flag_keeps_its_since_only_while_backed_up() {
+        let at = |since: u64| BacklogFlag {
+            since: Timestamp(since),
+            ..flag(3, None)
+        };
+        // first raised, before the deadline (flag_after) or after it: dated from the deadline
+        assert_eq!(
+            flag_since(None, Timestamp(500), Timestamp(100)),
+            Timestamp(500)
+        );
+        assert_eq!(
+            flag_since(None, Timestamp(500), Timestamp(700)),
+            Timestamp(500)
+        );
+        // still backed up: the first since stays
+        let prev = at(500);
+        assert_eq!(
+            flag_since(Some(&prev), Timestamp(900), Timestamp(1000)),
+            Timestamp(500)
+        );
+        // flagged early and still before the deadline: the deadline of the oldest now
+        let early = at(1500);
+        assert_eq!(
+            flag_since(Some(&early), Timestamp(1500), Timestamp(1100)),
+            Timestamp(1500)
+        );
+        // the backlog drained and newer requests wait: re-dated, tiers and guard start over
+        assert_eq!(
+            flag_since(Some(&prev), Timestamp(2500), Timestamp(2100)),
+            Timestamp(2500)
+        );
     }
 
     fn part(part: u16, in_use: f64, empty: f64) -> PartitionTakers {

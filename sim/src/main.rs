@@ -144,7 +144,7 @@ struct Common {
     sweep_ms: u64,
     /// updraft: milliseconds a class waits before it is flagged for its takers (the
     /// dispatcher's `flag_after`).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 500)]
     flag_after_ms: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]

@@ -134,7 +134,7 @@ impl UpdraftConfig {
             repair_time: 600_000,
             lease_ttl: 15_000,
             sweep_every: 500,
-            flag_after: 100,
+            flag_after: 500,
             sample_every: 300_000,
             seed,
         }

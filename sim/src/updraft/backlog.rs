@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use placement::Resources;
 use placement::Timestamp;
 use placement::policy::{Policy, election_draw};
-use placement::takers::{WaitingByPartition, acting_share, settle_takers};
+use placement::takers::{WaitingByPartition, acting_share, flag_since, settle_takers};
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
 
 use super::Sim;
@@ -80,9 +80,11 @@ impl Sim<'_> {
             let old = self.flags.iter().find(|f| &f.class == class);
             let new = flags.iter().find(|f| &f.class == class);
             let parts: BTreeSet<u16> = parts_of(old).chain(parts_of(new)).collect();
+            // a flag re-dated (its backlog drained and another began) re-plans its takers too
+            let redated = old.zip(new).is_some_and(|(o, n)| o.since != n.since);
             for part in parts {
                 let (a, b) = (Acting::of(old, guard, part), Acting::of(new, guard, part));
-                if a != b {
+                if a != b || redated {
                     changed.insert((*ci, part), a.max(b));
                 }
             }
@@ -169,7 +171,7 @@ impl Sim<'_> {
         BacklogFlag {
             v: WIRE_VERSION,
             class: class.clone(),
-            since: prev.map_or(Timestamp(oldest + spill), |f| f.since),
+            since: flag_since(prev, Timestamp(oldest + spill), Timestamp(now)),
             oldest_age_ms: now - oldest,
             depth: w.len() as u64,
             smallest,
