@@ -399,10 +399,22 @@ async fn the_api_token_is_required_and_secrets_never_reach_the_logs() {
     assert_eq!(yes.status().as_u16(), 200);
     // the NATS API too
     let c = async_nats::connect(&h.url).await.unwrap();
-    let reply = c
-        .request("updraft.v1.api.nodes.list", "{}".into())
-        .await
-        .unwrap();
+    // the NATS service starts beside the HTTP one, not before it: wait for its responder
+    let reply = {
+        let mut tries = 0;
+        loop {
+            match c.request("updraft.v1.api.nodes.list", "{}".into()).await {
+                Err(e)
+                    if tries < 50
+                        && e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other.unwrap(),
+            }
+        }
+    };
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(v["status"], 401, "{v}");
     tokio::time::sleep(Duration::from_millis(500)).await;
