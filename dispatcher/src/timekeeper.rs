@@ -177,11 +177,11 @@ impl Dispatcher {
     /// Raises (or refreshes) `class`'s backlog flag. `since` is when the class became backed
     /// up (its oldest waiting request's spill deadline); a flag still backed up keeps its
     /// first `since` (`placement::takers::flag_since`), so the pack tiers and the starvation
-    /// guard count from one instant. The flag's
-    /// takers (per partition with requests waiting) are settled against the nodes'
-    /// advertisements each sweep (`placement::takers`); a flag is written when first raised,
-    /// when its takers or its `since` move, and every `FLAG_REFRESH`. `queue` is the class's queue when the
-    /// caller has measured it (the sweep); without it (a spill) only a new flag is raised.
+    /// guard count from one instant. The flag's takers (per partition with requests waiting)
+    /// are settled against the nodes' advertisements each sweep (`placement::takers`); a flag
+    /// is written when first raised, when its takers or its `since` move, and every
+    /// `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
+    /// sweep); without it (a spill) only a new flag is raised.
     async fn raise_flag(
         &self,
         class: ClassKey,
