@@ -407,21 +407,14 @@ fn class_order<'a>(
     order: PullOrder,
     demand: &[DemandEntry],
 ) -> Vec<Candidate<'a>> {
-    // each class's bound once: None where it does not fully fit
-    let bounds: Vec<Option<Resources>> = (0..map.size_classes.len())
-        .map(|i| {
-            let size = u8::try_from(i).ok()?;
-            Some(map.upper_bound(tclass, size)).filter(|b| b.fits(unallocated))
-        })
-        .collect();
+    // each class's bound once (one trait-class lookup), and the sizes that fully fit
+    let bounds: Vec<Resources> = map.upper_bounds(tclass).collect();
     let full: Vec<u8> = (0..bounds.len())
-        .filter(|&i| bounds[i].is_some())
+        .filter(|&i| bounds[i].fits(unallocated))
         .filter_map(|i| u8::try_from(i).ok())
         .collect();
     let fit = |size: u8| {
-        let bound = bounds[usize::from(size)]
-            .clone()
-            .unwrap_or_else(|| map.upper_bound(tclass, size));
+        let bound = bounds[usize::from(size)].clone();
         Candidate {
             tclass,
             size,
@@ -439,13 +432,14 @@ fn class_order<'a>(
     };
     let sizes: Vec<u8> = match order {
         PullOrder::Demand => {
-            let rate = |s: u8| {
-                demand
-                    .iter()
-                    .find(|d| &d.tclass == tclass && d.size == s)
-                    .map(|d| d.per_min)
-                    .unwrap_or(0.0)
-            };
+            // each size's rate once: the first entry of the class and size, else 0
+            let mut rates: Vec<Option<f64>> = vec![None; bounds.len()];
+            for d in demand.iter().filter(|d| &d.tclass == tclass) {
+                if let Some(r) = rates.get_mut(usize::from(d.size)) {
+                    r.get_or_insert(d.per_min);
+                }
+            }
+            let rate = |s: u8| rates[usize::from(s)].unwrap_or(0.0);
             if full.iter().all(|s| rate(*s) <= 0.0) {
                 largest_then_smallest()
             } else {

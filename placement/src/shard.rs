@@ -303,6 +303,22 @@ impl ShardMap {
         b
     }
 
+    /// Upper bounds of every size class of a trait class, by size ([`Self::upper_bound`] of
+    /// each, with one trait-class lookup).
+    pub fn upper_bounds<'a>(
+        &'a self,
+        tclass: &TraitClassName,
+    ) -> impl Iterator<Item = Resources> + 'a {
+        let extended = self.trait_class(tclass).map(|tc| &tc.extended_bound);
+        self.size_classes.iter().map(move |c| {
+            let mut b = c.upper.clone();
+            if let Some(e) = extended {
+                b.extended = e.clone();
+            }
+            b
+        })
+    }
+
     /// Lower bound of a class: the upper bound of the rung below (zero for the first), with no
     /// extended resources.
     pub fn lower_bound(&self, size: u8) -> Resources {
@@ -565,6 +581,20 @@ mod tests {
             m.route(&routable("a", &z, &[], &huge)),
             Err(RouteError::TooLarge)
         );
+    }
+
+    #[test]
+    fn upper_bounds_are_each_sizes_upper_bound() {
+        let m = map();
+        for tclass in m.trait_class_names() {
+            let all: Vec<Resources> = m.upper_bounds(&tclass).collect();
+            assert_eq!(all.len(), m.size_classes.len());
+            for (size, b) in (0u8..).zip(&all) {
+                assert_eq!(*b, m.upper_bound(&tclass, size), "{tclass} size {size}");
+            }
+        }
+        let gpu = TraitClassName::new("gpu").unwrap();
+        assert!(m.upper_bounds(&gpu).all(|b| !b.extended.is_empty()));
     }
 
     #[test]
