@@ -416,6 +416,18 @@ impl ShardMap {
         }
     }
 
+    /// Whether a node with `traits` pulls trait class `tclass`, as home or overflow work:
+    /// what [`Self::pullable_classes`] answers, without building its lists (the dispatcher
+    /// asks it of every advertised node when it elects a flag's takers). `std` is pulled by
+    /// every node: as home work, or as overflow by a node of an exclusive class.
+    pub fn pulls_class(&self, traits: &[TraitName], tclass: &TraitClassName) -> bool {
+        tclass.as_str() == STD_CLASS
+            || self
+                .trait_classes
+                .iter()
+                .any(|tc| &tc.name == tclass && tc.traits.iter().all(|t| traits.contains(t)))
+    }
+
     /// The partition of `class` a given node pulls (stable per node, spread across nodes).
     pub fn node_partition(&self, node: &str, size: u8) -> u16 {
         let parts = self.size_classes[usize::from(size)].partitions;
@@ -632,6 +644,36 @@ mod tests {
         let (home, over) = m.pullable_classes(&[TraitName::new("ssd").unwrap()]);
         assert_eq!(home, vec![ShardMap::std_class()]);
         assert!(over.is_empty());
+    }
+
+    #[test]
+    fn pulls_class_answers_as_pullable_classes() {
+        let mut m = map();
+        m.trait_classes.push(TraitClass {
+            name: TraitClassName::new("ssd").unwrap(),
+            traits: vec![
+                TraitName::new("ssd").unwrap(),
+                TraitName::new("fast").unwrap(),
+            ],
+            exclusive: false,
+            extended_bound: Default::default(),
+        });
+        let names = ["gpu", "ssd", "fast", "other"].map(|n| TraitName::new(n).unwrap());
+        for mask in 0..16u8 {
+            let traits: Vec<TraitName> = (0..4)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| names[i].clone())
+                .collect();
+            let (home, over) = m.pullable_classes(&traits);
+            for tclass in m.trait_class_names() {
+                let listed = home.contains(&tclass) || over.contains(&tclass);
+                assert_eq!(
+                    m.pulls_class(&traits, &tclass),
+                    listed,
+                    "{traits:?} {tclass}"
+                );
+            }
+        }
     }
 
     #[test]

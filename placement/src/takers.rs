@@ -190,10 +190,7 @@ pub fn eligible_draws<'a>(
         .into_iter()
         .filter(|a| a.takes_work() && a.zone == flag.class.zone)
         .filter(|a| smallest.fits(&a.unallocated))
-        .filter(|a| {
-            let (home, overflow) = map.pullable_classes(&a.traits);
-            home.contains(&flag.class.tclass) || overflow.contains(&flag.class.tclass)
-        })
+        .filter(|a| map.pulls_class(&a.traits, &flag.class.tclass))
     {
         let part = map.node_partition(a.node.as_str(), flag.class.size);
         let draw = election_draw(&a.node, &flag.class);
