@@ -64,6 +64,10 @@ struct Cli {
     /// Experiments: the dispatcher's sweep period, ms.
     #[arg(long)]
     sweep_ms: Option<u64>,
+    /// The idle run's pull expiry, seconds (default: the agents' default): what outstanding
+    /// pulls cost an idle broker.
+    #[arg(long)]
+    idle_pull_expiry_s: Option<u64>,
     /// Only the libvirt run: boot this many real guests on qemu:///system, one after another.
     #[arg(long)]
     libvirt_guests: Option<usize>,
@@ -183,8 +187,13 @@ async fn throughput(
     Ok((r, raw))
 }
 
-async fn idle(agents: usize, secs: u64, node: &Resources) -> anyhow::Result<(f64, f64)> {
-    let c = Cluster::start(false, agents, node.clone()).await?;
+async fn idle(
+    agents: usize,
+    secs: u64,
+    node: &Resources,
+    tuning: &Tuning,
+) -> anyhow::Result<(f64, f64)> {
+    let c = Cluster::start_with(false, agents, node.clone(), tuning).await?;
     // let joins and the first plans settle
     tokio::time::sleep(Duration::from_secs(5)).await;
     let clients = c.clients();
@@ -336,9 +345,14 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     if cli.runs(Run::Idle) {
-        let (idle_cpu, idle_msgs) = idle(cli.scale_agents, cli.idle_secs, &node).await?;
+        let mut tuning = Tuning::default();
+        if let Some(s) = cli.idle_pull_expiry_s {
+            tuning.pull.expiry = Duration::from_secs(s);
+        }
+        let (idle_cpu, idle_msgs) = idle(cli.scale_agents, cli.idle_secs, &node, &tuning).await?;
         notes.push(format!(
-            "idle load per 1,000 idle agents (heartbeats, pull re-issues): {:.1}% of one broker core, {idle_msgs:.0} NATS messages/s",
+            "idle load per 1,000 idle agents (heartbeats, pull re-issues every {:?}): {:.1}% of one broker core, {idle_msgs:.0} NATS messages/s",
+            tuning.pull.expiry,
             idle_cpu * 100.0
         ));
     }
