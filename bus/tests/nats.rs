@@ -21,18 +21,12 @@ use placement::wire::{
 use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId, Timestamp, Zone};
 
 fn spec(id: &str, mem: u64) -> RequestSpec {
-    RequestSpec {
-        id: RequestId::new(id).unwrap(),
-        resources: Resources::new(1, mem, 0),
-        flavor: None,
-        zone: Zone::new("az1").unwrap(),
-        required_traits: vec![],
-        forbidden_traits: vec![],
-        group: None,
-        image: None,
-        metadata: Default::default(),
-        deadline_s: 60,
-    }
+    RequestSpec::plain(
+        RequestId::new(id).unwrap(),
+        Resources::new(1, mem, 0),
+        Zone::new("az1").unwrap(),
+        60,
+    )
 }
 
 /// A node's puller on its own connection to `url`, and its events.

@@ -462,18 +462,12 @@ pub(crate) mod tests_support {
     pub fn record(id: &str) -> RequestRecord {
         let zone = Zone::new("az1").unwrap();
         let map = placement::shard::default_shard_map(zone.clone());
-        let spec = RequestSpec {
-            id: RequestId::new(id).unwrap(),
-            resources: Resources::new(1, 1024, 0),
-            flavor: None,
+        let spec = RequestSpec::plain(
+            RequestId::new(id).unwrap(),
+            Resources::new(1, 1024, 0),
             zone,
-            required_traits: vec![],
-            forbidden_traits: vec![],
-            group: None,
-            image: None,
-            metadata: Default::default(),
-            deadline_s: 60,
-        };
+            60,
+        );
         let shard = map.route(&spec.routable()).unwrap();
         RequestRecord::new_queued(spec, shard, Timestamp(1000))
     }

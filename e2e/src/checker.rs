@@ -259,18 +259,12 @@ mod tests {
     fn queued(id: &str) -> RequestRecord {
         let zone = placement::Zone::new("az1").unwrap();
         let map = placement::shard::default_shard_map(zone.clone());
-        let spec = placement::request::RequestSpec {
-            id: placement::RequestId::new(id).unwrap(),
-            resources: Resources::new(1, 10, 0),
-            flavor: None,
+        let spec = placement::request::RequestSpec::plain(
+            placement::RequestId::new(id).unwrap(),
+            Resources::new(1, 10, 0),
             zone,
-            required_traits: vec![],
-            forbidden_traits: vec![],
-            group: None,
-            image: None,
-            metadata: Default::default(),
-            deadline_s: 60,
-        };
+            60,
+        );
         let shard = map.route(&spec.routable()).unwrap();
         RequestRecord::new_queued(spec, shard, placement::Timestamp(0))
     }

@@ -206,18 +206,12 @@ pub(crate) mod tests {
     }
 
     fn spec(mem_gib: u64) -> RequestSpec {
-        RequestSpec {
-            id: RequestId::new("r").unwrap(),
-            resources: Resources::new(4, mem_gib * 1024, 10),
-            flavor: None,
-            zone: Zone::new("az1").unwrap(),
-            required_traits: vec![],
-            forbidden_traits: vec![],
-            group: None,
-            image: None,
-            metadata: Default::default(),
-            deadline_s: 60,
-        }
+        RequestSpec::plain(
+            RequestId::new("r").unwrap(),
+            Resources::new(4, mem_gib * 1024, 10),
+            Zone::new("az1").unwrap(),
+            60,
+        )
     }
 
     #[test]

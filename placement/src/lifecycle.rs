@@ -717,18 +717,12 @@ mod tests {
 
     pub(crate) fn record() -> RequestRecord {
         let zone = Zone::new("az1").unwrap();
-        let spec = RequestSpec {
-            id: RequestId::new("r1").unwrap(),
-            resources: Resources::new(1, 1024, 0),
-            flavor: None,
-            zone: zone.clone(),
-            required_traits: vec![],
-            forbidden_traits: vec![],
-            group: None,
-            image: None,
-            metadata: Default::default(),
-            deadline_s: 60,
-        };
+        let spec = RequestSpec::plain(
+            RequestId::new("r1").unwrap(),
+            Resources::new(1, 1024, 0),
+            zone.clone(),
+            60,
+        );
         let shard = ShardId {
             zone,
             tclass: TraitClassName::new("std").unwrap(),

@@ -164,6 +164,23 @@ pub struct RequestSpec {
 }
 
 impl RequestSpec {
+    /// A request for `resources` in `zone` that asks nothing else: no flavor, traits, group,
+    /// image or metadata; it waits up to `deadline_s` for a node.
+    pub fn plain(id: RequestId, resources: Resources, zone: Zone, deadline_s: u64) -> Self {
+        RequestSpec {
+            id,
+            resources,
+            flavor: None,
+            zone,
+            required_traits: Vec::new(),
+            forbidden_traits: Vec::new(),
+            group: None,
+            image: None,
+            metadata: BTreeMap::new(),
+            deadline_s,
+        }
+    }
+
     /// The routing view of this request.
     pub fn routable(&self) -> Routable<'_> {
         Routable {

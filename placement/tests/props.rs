@@ -261,18 +261,12 @@ fn legal(from: State, to: State, retryable: bool) -> bool {
 fn start() -> RequestRecord {
     let zone = Zone::new("az1").unwrap();
     let map: ShardMap = default_shard_map(zone.clone());
-    let spec = RequestSpec {
-        id: RequestId::new("r").unwrap(),
-        resources: Resources::new(1, 1024, 0),
-        flavor: None,
-        zone: zone.clone(),
-        required_traits: vec![],
-        forbidden_traits: vec![],
-        group: None,
-        image: None,
-        metadata: Default::default(),
-        deadline_s: 100,
-    };
+    let spec = RequestSpec::plain(
+        RequestId::new("r").unwrap(),
+        Resources::new(1, 1024, 0),
+        zone.clone(),
+        100,
+    );
     let shard = map.route(&spec.routable()).unwrap();
     RequestRecord::new_queued(spec, shard, Timestamp(0))
 }
