@@ -296,11 +296,10 @@ impl ShardMap {
 
     /// Upper bound of a class: the rung's basic bound plus the trait class's extended bound.
     pub fn upper_bound(&self, tclass: &TraitClassName, size: u8) -> Resources {
-        let mut b = self.size_classes[usize::from(size)].upper.clone();
-        if let Some(tc) = self.trait_class(tclass) {
-            b.extended = tc.extended_bound.clone();
-        }
-        b
+        with_extended_bound(
+            &self.size_classes[usize::from(size)].upper,
+            self.trait_class(tclass),
+        )
     }
 
     /// Upper bounds of every size class of a trait class, by size ([`Self::upper_bound`] of
@@ -309,14 +308,10 @@ impl ShardMap {
         &'a self,
         tclass: &TraitClassName,
     ) -> impl Iterator<Item = Resources> + 'a {
-        let extended = self.trait_class(tclass).map(|tc| &tc.extended_bound);
-        self.size_classes.iter().map(move |c| {
-            let mut b = c.upper.clone();
-            if let Some(e) = extended {
-                b.extended = e.clone();
-            }
-            b
-        })
+        let tc = self.trait_class(tclass);
+        self.size_classes
+            .iter()
+            .map(move |c| with_extended_bound(&c.upper, tc))
     }
 
     /// Lower bound of a class: the upper bound of the rung below (zero for the first), with no
@@ -505,6 +500,15 @@ fn grow(v: u64, k: u32) -> u64 {
     } else {
         doubled.saturating_mul(181).div_ceil(128)
     }
+}
+
+/// A rung's basic bound with the trait class's extended bound (none for `std`).
+fn with_extended_bound(upper: &Resources, tclass: Option<&TraitClass>) -> Resources {
+    let mut b = upper.clone();
+    if let Some(tc) = tclass {
+        b.extended = tc.extended_bound.clone();
+    }
+    b
 }
 
 /// The shard map a new cluster starts with: one zone, an exclusive `gpu` class, a ladder from
