@@ -23,10 +23,25 @@ use sim::{PolicyKind, plan, report};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process (memory faulted in from now on comes in
+/// 4 KiB pages). A kernel without the setting leaves things as they were.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("note: could not turn transparent huge pages off ({e}); running with them");
+    }
+}
+
 /// updraft's capacity simulator.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Let the kernel back the simulator's memory with transparent huge pages where it would.
+    /// Off by default: on the VMs we measure on, zeroing each fresh 2 MiB page cost more
+    /// system time than the huge pages saved (the 1,000,000-request scale run: 84 s with
+    /// them, 60 s without; BENCHMARKS.md).
+    #[arg(long, global = true)]
+    huge_pages: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -361,6 +376,9 @@ fn write_outputs(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !cli.huge_pages {
+        no_huge_pages();
+    }
     match cli.cmd {
         Cmd::Run { policy, common } => {
             let cluster = common.cluster()?;

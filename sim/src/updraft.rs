@@ -366,6 +366,9 @@ impl Sim<'_> {
             &held,
             placement::pull::priority_tolerance(self.cfg.pull.policy),
         );
+        if cancel.is_empty() && issue.is_empty() {
+            self.rec.count("replans_unchanged", 1);
+        }
         for id in cancel {
             let node = &mut self.nodes[n as usize];
             if let Some((lane, _, left)) = node.pulls.remove(&id) {
