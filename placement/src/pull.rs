@@ -211,16 +211,13 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     }
 
     let (home, overflow) = map.pullable_classes(&node.traits);
-    let flags: Vec<&BacklogFlag> = backlog
+    let backlogged: Vec<Backlogged<'_>> = backlog
         .iter()
         .filter(|f| {
-            f.class.zone == node.zone
+            usize::from(f.class.size) < map.size_classes.len()
+                && f.class.zone == node.zone
                 && (home.contains(&f.class.tclass) || overflow.contains(&f.class.tclass))
         })
-        .collect();
-    let backlogged: Vec<Backlogged<'_>> = flags
-        .iter()
-        .filter(|f| usize::from(f.class.size) < map.size_classes.len())
         .map(|f| Backlogged {
             flag: f,
             bound: map.upper_bound(&f.class.tclass, f.class.size),
@@ -407,10 +404,14 @@ fn class_order<'a>(
     order: PullOrder,
     demand: &[DemandEntry],
 ) -> Vec<Candidate<'a>> {
-    // each class's bound once (one trait-class lookup), and the sizes that fully fit
-    let bounds: Vec<Resources> = map.upper_bounds(tclass).collect();
+    // the bounds of the sizes that fully fit, each once (one trait-class lookup): the ladder
+    // ascends in every dimension (`ShardMap::validate`), so they are the sizes below the first
+    // that does not
+    let bounds: Vec<Resources> = map
+        .upper_bounds(tclass)
+        .take_while(|b| b.fits(unallocated))
+        .collect();
     let full: Vec<u8> = (0..bounds.len())
-        .filter(|&i| bounds[i].fits(unallocated))
         .filter_map(|i| u8::try_from(i).ok())
         .collect();
     let fit = |size: u8| {
@@ -433,7 +434,7 @@ fn class_order<'a>(
     let sizes: Vec<u8> = match order {
         PullOrder::Demand => {
             // each size's rate once: the first entry of the class and size, else 0
-            let mut rates: Vec<Option<f64>> = vec![None; bounds.len()];
+            let mut rates: Vec<Option<f64>> = vec![None; map.size_classes.len()];
             for d in demand.iter().filter(|d| &d.tclass == tclass) {
                 if let Some(r) = rates.get_mut(usize::from(d.size)) {
                     r.get_or_insert(d.per_min);

@@ -378,7 +378,15 @@ impl Resources {
 
     /// True when `self` fits within `cap` in every dimension.
     pub fn fits(&self, cap: &Resources) -> bool {
-        self.fits_within(cap).is_ok()
+        // what `fits_within` decides, without building the shortfall (a planner asks this of
+        // every class at every re-plan)
+        self.memory_mib <= cap.memory_mib
+            && self.vcpus <= cap.vcpus
+            && self.disk_gib <= cap.disk_gib
+            && self
+                .extended
+                .iter()
+                .all(|(name, v)| *v <= cap.extended_amount(name))
     }
 
     /// The smallest ratio `self_d / of_d` over the dimensions where `of` is non-zero (1.0 when

@@ -4,6 +4,7 @@
 //! * no sequence of ledger operations ever overcommits a node;
 //! * anything routed to a class fits every node allowed to pull that class's fit lane;
 //! * routing picks the smallest holding class and is a function of the request alone;
+//! * the quick fit test answers what the explaining one decides;
 //! * the request state machine never makes a move outside its transition table, from any
 //!   reachable state, whatever it is asked to do.
 
@@ -150,6 +151,22 @@ proptest! {
             }
             prop_assert_eq!(map.route(&req).unwrap(), shard);
         }
+    }
+
+    #[test]
+    fn fits_answers_what_fits_within_decides(
+        a in res(8, 64, 8),
+        b in res(8, 64, 8),
+        ga in prop::option::of(0u64..4),
+        gb in prop::option::of(0u64..4),
+    ) {
+        let gpu = placement::ids::ResourceName::new("gpu").unwrap();
+        let with = |r: Resources, g: Option<u64>| match g {
+            Some(n) => r.with_extended(gpu.clone(), n),
+            None => r,
+        };
+        let (a, b) = (with(a, ga), with(b, gb));
+        prop_assert_eq!(a.fits(&b), a.fits_within(&b).is_ok());
     }
 }
 
