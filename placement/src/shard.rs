@@ -8,6 +8,7 @@
 //! fit"). Trait classes are a short configured list (`gpu`, `ssd`); everything else is `std`.
 
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -260,7 +261,10 @@ impl ShardMap {
 
     /// The implicit `std` class name.
     pub fn std_class() -> TraitClassName {
-        TraitClassName::new(STD_CLASS).expect("static trait class name")
+        // validated once: planners ask for it at every re-plan
+        static STD: LazyLock<TraitClassName> =
+            LazyLock::new(|| TraitClassName::new(STD_CLASS).expect("static trait class name"));
+        STD.clone()
     }
 
     /// A trait class by name (`None` for `std`).
