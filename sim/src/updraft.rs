@@ -194,13 +194,19 @@ struct NodeSim {
     alive: bool,
     vms: u32,
     rng: ChaCha8Rng,
+}
+
+/// What the dispatcher's sweep reads of each node (the advertisement, in the model): kept
+/// apart from [`NodeSim`] so electing a flag's takers among thousands of nodes reads a small
+/// array, not each node's ledger.
+#[derive(Debug, Clone)]
+struct Standing {
+    /// Its unallocated resources as last entered in `Sim::tally` (None while dead).
+    free: Option<Resources>,
+    /// Live with nothing allocated.
+    is_empty: bool,
     /// Its opening tier while empty under pack (`placement::policy::open_tier`).
     tier: u8,
-    /// Its unallocated resources as last entered in `Sim::by_free` and `Sim::tally` (None:
-    /// in neither, while dead).
-    indexed: Option<Resources>,
-    /// Live with nothing allocated (in `Sim::empty`).
-    is_empty: bool,
 }
 
 #[derive(Debug)]
@@ -266,6 +272,8 @@ struct Sim<'a> {
     class_ix: HashMap<ClassKey, u32>,
     lanes: Vec<LaneQ>,
     nodes: Vec<NodeSim>,
+    /// Each node's standing, by node index.
+    standing: Vec<Standing>,
     reqs: HashMap<u64, Req>,
     /// Waiting requests per class: (arrival, seq).
     waiting: Vec<BTreeSet<(Millis, u64)>>,
@@ -280,10 +288,6 @@ struct Sim<'a> {
     largest: Resources,
     /// When the dispatcher's sweep last ran.
     last_sweep: Millis,
-    /// Live nodes by unallocated memory: who could act on a backlog of a given size.
-    by_free: BTreeSet<(u64, u32)>,
-    /// Live nodes with nothing allocated.
-    empty: BTreeSet<u32>,
     /// Utilization sums over live nodes, for samples.
     tally: FleetTally,
     /// Per class, its nodes by partition and election draw (`placement::takers`), computed
@@ -413,30 +417,23 @@ impl Sim<'_> {
         }
     }
 
-    /// Keeps node `n`'s entries in `by_free` and `empty` true to its ledger (every ledger
+    /// Keeps node `n`'s standing and its part of the tally true to its ledger (every ledger
     /// change is followed by a re-plan, which calls this).
     fn reindex(&mut self, n: u32) {
-        let node = &mut self.nodes[n as usize];
+        let node = &self.nodes[n as usize];
+        let st = &mut self.standing[n as usize];
         let free = node.alive.then(|| node.ledger.unallocated());
-        if node.indexed != free {
-            let cap = node.ledger.capacity();
-            if let Some(old) = &node.indexed {
-                self.by_free.remove(&(old.memory_mib, n));
+        let cap = node.ledger.capacity();
+        if st.free != free {
+            if let Some(old) = &st.free {
                 self.tally.remove(cap, old);
             }
             if let Some(f) = &free {
-                self.by_free.insert((f.memory_mib, n));
                 self.tally.add(cap, f);
             }
-            node.indexed.clone_from(&free);
+            st.free.clone_from(&free);
         }
-        if free.as_ref() == Some(node.ledger.capacity()) {
-            self.empty.insert(n);
-            node.is_empty = true;
-        } else {
-            self.empty.remove(&n);
-            node.is_empty = false;
-        }
+        st.is_empty = free.as_ref() == Some(cap);
     }
 
     fn publish(&mut self, req: u64, lane: u32, now: Millis) {
@@ -776,13 +773,18 @@ pub fn run(
             alive: true,
             vms: 0,
             rng: ChaCha8Rng::seed_from_u64(seeder.random()),
+        })
+        .collect();
+    let standing = nodes
+        .iter()
+        .map(|n| Standing {
+            free: None,
+            is_empty: false,
             tier: if cfg.pull.policy == Policy::Pack {
                 placement::policy::open_tier(&n.id, cfg.pull.open_tiers)
             } else {
                 0
             },
-            indexed: None,
-            is_empty: false,
         })
         .collect();
     let mut sim = Sim {
@@ -794,6 +796,7 @@ pub fn run(
         class_ix: HashMap::new(),
         lanes: Vec::new(),
         nodes: sims,
+        standing,
         reqs: HashMap::new(),
         waiting: Vec::new(),
         flags: Vec::new(),
@@ -806,8 +809,6 @@ pub fn run(
         in_use: 0,
         largest,
         last_sweep: 0,
-        by_free: BTreeSet::new(),
-        empty: BTreeSet::new(),
         tally: FleetTally::default(),
         draws: Vec::new(),
     };

@@ -121,8 +121,8 @@ impl Sim<'_> {
                 for part in parts_of(Some(f)) {
                     let share = acting_share(f, guard, part, true);
                     for (_, n) in self.elected(*ci, part, share) {
-                        let tier = self.nodes[*n as usize].tier;
-                        if self.nodes[*n as usize].is_empty && (1..=open).contains(&tier) {
+                        let st = &self.standing[*n as usize];
+                        if st.is_empty && (1..=open).contains(&st.tier) {
                             empty.insert(*n);
                         }
                     }
@@ -216,8 +216,8 @@ impl Sim<'_> {
         self.part_draws(ci, part)
             .iter()
             .filter(move |(_, n)| {
-                let node = &self.nodes[*n as usize];
-                node.is_empty == empty && node.indexed.as_ref().is_some_and(|free| need.fits(free))
+                let st = &self.standing[*n as usize];
+                st.is_empty == empty && st.free.as_ref().is_some_and(|free| need.fits(free))
             })
             .map(|(d, _)| *d)
     }
@@ -293,11 +293,12 @@ impl Sim<'_> {
                 .memory_mib;
             let least = lower.min(guard);
             for (draw, n) in self.elected(*ci, *part, acting.in_use.max(acting.empty)) {
-                let node = &self.nodes[*n as usize];
-                let Some(free) = &node.indexed else { continue };
-                let empty = node.is_empty;
+                let st = &self.standing[*n as usize];
+                let Some(free) = &st.free else { continue };
+                let empty = st.is_empty;
                 let share = if empty { acting.empty } else { acting.in_use };
-                let idle = node.tier > open && node.pulls.is_empty() && empty;
+                // (its pulls last: the one read of the node itself, for few nodes)
+                let idle = empty && st.tier > open && self.nodes[*n as usize].pulls.is_empty();
                 if *draw < share && free.memory_mib >= least && !idle {
                     nodes.push((free.memory_mib, *n));
                 }
