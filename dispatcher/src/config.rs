@@ -17,6 +17,7 @@ use placement::ids::{FlavorName, ResourceName, TraitClassName, TraitName, Zone};
 use placement::lifecycle::DEFAULT_MAX_ATTEMPTS;
 use placement::request::{DEFAULT_DEADLINE_S, MAX_DEADLINE_S};
 use placement::shard::{DEFAULT_SPILL_AFTER, ShardMap, TraitClass, sqrt2_ladder};
+use placement::takers::{DEFAULT_FLAG_AFTER, DEFAULT_SWEEP_INTERVAL};
 use placement::wire::ClusterConfig;
 use serde::{Deserialize, Serialize};
 
@@ -41,19 +42,6 @@ impl Size {
         Resources::new(self.vcpus, self.memory_mib, self.disk_gib)
     }
 }
-
-/// Default period of the sweep (deadlines, spill, backlog flags, missing hints, reaping): it
-/// bounds how late a request spills after [`DEFAULT_SPILL_AFTER`] and how late a class is
-/// flagged after [`DEFAULT_FLAG_AFTER`].
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Default wait after which a class is flagged, so that its takers (nodes with room that are
-/// spending their credit on other classes) pull it. Set below the spill deadline, a class is
-/// flagged before it (near-fit takers, the pack tiers and the starvation guard still wait for
-/// the deadline); the flag is raised at the first sweep after it, so it pays only with a
-/// shorter `sweep_interval`, at the cost of more flag writes, each of which reaches every
-/// node (docs/sim.md). The default is the default spill deadline: flags at the deadline.
-pub const DEFAULT_FLAG_AFTER: Duration = DEFAULT_SPILL_AFTER;
 
 /// The size ladder: √2 steps from `base` (the smallest class) to `top` (the largest request
 /// accepted).

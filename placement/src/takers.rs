@@ -19,14 +19,29 @@
 //! set, so the empty share follows the nodes actually left to open.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
 use crate::policy::{GuardConfig, election_draw};
 use crate::resources::Resources;
-use crate::shard::ShardMap;
+use crate::shard::{DEFAULT_SPILL_AFTER, ShardMap};
 use crate::wire::{BacklogFlag, NodeAdvert};
+
+/// Default period of the dispatcher's sweep (deadlines, spill, backlog flags, missing hints,
+/// reaping): it bounds how late a request spills after [`DEFAULT_SPILL_AFTER`] and how late a
+/// class is flagged after [`DEFAULT_FLAG_AFTER`]. Here, with `flag_after`, so that the simulator
+/// models the dispatcher's defaults.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default wait after which a class is flagged, so that its takers (nodes with room that are
+/// spending their credit on other classes) pull it. Set below the spill deadline, a class is
+/// flagged before it (near-fit takers, the pack tiers and the starvation guard still wait for
+/// the deadline); the flag is raised at the first sweep after it, so it pays only with a
+/// shorter `sweep_interval`, at the cost of more flag writes, each of which reaches every
+/// node (docs/sim.md). The default is the default spill deadline: flags at the deadline.
+pub const DEFAULT_FLAG_AFTER: Duration = DEFAULT_SPILL_AFTER;
 
 /// Nodes wanted acting on a partition's backlog, per waiting request.
 pub const TAKERS_PER_WAITING: u64 = 2;

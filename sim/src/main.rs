@@ -9,8 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use placement::policy::Policy;
 use placement::pull::{PullConfig, PullOrder};
+use placement::request::DEFAULT_DEADLINE_S;
 use placement::resources::AllocationRatios;
 use placement::shard::{MAX_PARTITIONS, default_shard_map, zone};
+use placement::takers::{DEFAULT_FLAG_AFTER, DEFAULT_SWEEP_INTERVAL};
+use placement::time::duration_ms;
 use sim::central::{self, CentralConfig, DecisionCost};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
@@ -145,21 +148,21 @@ struct Common {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Seconds a request may wait before it fails.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = DEFAULT_DEADLINE_S)]
     deadline_s: u64,
     /// updraft: partitions per size class (default: one per 1,000 nodes).
     #[arg(long)]
     partitions: Option<u16>,
     /// updraft: seconds from claim to running.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = updraft::DEFAULT_BUILD_S)]
     build_s: u64,
     /// updraft: milliseconds between the dispatcher's sweeps (the dispatcher's
     /// `sweep_interval`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = duration_ms(DEFAULT_SWEEP_INTERVAL))]
     sweep_ms: u64,
     /// updraft: milliseconds a class waits before it is flagged for its takers (the
     /// dispatcher's `flag_after`).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = duration_ms(DEFAULT_FLAG_AFTER))]
     flag_after_ms: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]

@@ -24,8 +24,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use placement::ledger::{NodeLedger, PullId};
 use placement::policy::Policy;
 use placement::pull::{NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls};
+use placement::request::DEFAULT_DEADLINE_S;
 use placement::shard::{ClassKey, Routable};
 use placement::step_aside::StepAside;
+use placement::takers::{DEFAULT_FLAG_AFTER, DEFAULT_SWEEP_INTERVAL};
+use placement::time::duration_ms;
 use placement::wire::{BacklogFlag, DemandEntry};
 use placement::{Lane, RequestId, Resources, ShardId, ShardMap, Timestamp, Zone};
 use rand::{RngExt, SeedableRng};
@@ -107,6 +110,9 @@ pub struct UpdraftConfig {
     pub seed: u64,
 }
 
+/// Seconds from claim to running, unless told otherwise.
+pub const DEFAULT_BUILD_S: u64 = 20;
+
 impl UpdraftConfig {
     /// The model with the NATS latencies measured on one nats-server (BENCHMARKS.md), the
     /// agent's defaults (nak delay, ack wait, attempts, lease) and a 20 s build.
@@ -126,15 +132,15 @@ impl UpdraftConfig {
             nak_delay: 1000,
             ack_wait: 5000,
             max_waiting: 20_000,
-            build_time: 20_000,
-            deadline: 300_000,
+            build_time: DEFAULT_BUILD_S * 1000,
+            deadline: DEFAULT_DEADLINE_S * 1000,
             max_attempts: placement::lifecycle::DEFAULT_MAX_ATTEMPTS,
             build_failure_rate: 0.0,
             node_death_rate: 0.0,
             repair_time: 600_000,
             lease_ttl: 15_000,
-            sweep_every: 500,
-            flag_after: 500,
+            sweep_every: duration_ms(DEFAULT_SWEEP_INTERVAL),
+            flag_after: duration_ms(DEFAULT_FLAG_AFTER),
             sample_every: 300_000,
             seed,
         }
