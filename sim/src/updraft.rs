@@ -197,6 +197,8 @@ struct NodeSim {
     /// Lanes it pulls last for a while, having handed a message of them back.
     aside: StepAside,
     next_pull: u64,
+    /// The class (index into `Sim::classes`) its last plan held room back for.
+    holds_for: Option<u32>,
     alive: bool,
     vms: u32,
     rng: ChaCha8Rng,
@@ -363,6 +365,10 @@ impl Sim<'_> {
         };
         let mut plan = plan_pulls(&input, &mut node.rng);
         node.aside.apply(&mut plan.pulls, input.now);
+        node.holds_for = plan
+            .hold
+            .as_ref()
+            .and_then(|h| self.class_ix.get(&h.class).copied());
         let held: Vec<(u64, &ShardId, Lane, u8, u32)> = node
             .pulls
             .iter()
@@ -776,6 +782,7 @@ pub fn run(
             pulls: BTreeMap::new(),
             aside: StepAside::default(),
             next_pull: 0,
+            holds_for: None,
             alive: true,
             vms: 0,
             rng: ChaCha8Rng::seed_from_u64(seeder.random()),

@@ -98,7 +98,7 @@ impl Sim<'_> {
                 *e = e.max(Acting::of(f, guard, part));
             }
         }
-        self.flags = flags;
+        let old_flags = std::mem::replace(&mut self.flags, flags);
         self.flag_set = set;
         let prev = std::mem::replace(&mut self.last_sweep, now);
         if now / 10_000 != prev / 10_000 || now == 0 {
@@ -106,7 +106,7 @@ impl Sim<'_> {
         }
         if !changed.is_empty() {
             self.rec.count("flag_changes", 1);
-            self.replan_for(&changed, now);
+            self.replan_for(&changed, &old_flags, now);
         } else if open_more {
             // a backlog grew old enough for the next tier of empty nodes to open: its empty
             // takers there re-plan (tier 0 does not wait for backlogs, and tiers not yet open
@@ -275,13 +275,20 @@ impl Sim<'_> {
 
     /// Re-plans the nodes whose plan a change of these partitions' takers can change: those
     /// the flag elects there (old or new shares, `placement::takers`) with at least the memory
-    /// of the class's smallest request or the guard's least progress, in order of free memory.
-    fn replan_for(&mut self, changed: &BTreeMap<(u32, u16), Acting>, now: Millis) {
+    /// of the class's smallest request or the guard's least progress, in order of free memory;
+    /// of the nodes in use, only those the flag can matter to ([`Self::flag_matters`]).
+    fn replan_for(
+        &mut self,
+        changed: &BTreeMap<(u32, u16), Acting>,
+        old_flags: &[BacklogFlag],
+        now: Millis,
+    ) {
         // an empty node of a tier no backlog has opened yet plans nothing: unless it holds
         // pulls from an earlier opening, its plan cannot change (most of a large cluster while
         // it ramps up)
         let open = self.open_level(now);
         let mut nodes: Vec<(u64, u32)> = Vec::new();
+        let mut skipped = 0;
         for ((ci, part), acting) in changed {
             let c = &self.classes[*ci as usize];
             let lower = self.cfg.map.lower_bound(c.size).memory_mib;
@@ -292,6 +299,8 @@ impl Sim<'_> {
                 .fraction(self.cfg.pull.guard.min_progress)
                 .memory_mib;
             let least = lower.min(guard);
+            let old = old_flags.iter().find(|f| f.class == *c);
+            let new = self.flags.iter().find(|f| f.class == *c);
             for (draw, n) in self.elected(*ci, *part, acting.in_use.max(acting.empty)) {
                 let st = &self.standing[*n as usize];
                 let Some(free) = &st.free else { continue };
@@ -300,16 +309,71 @@ impl Sim<'_> {
                 // (its pulls last: the one read of the node itself, for few nodes)
                 let idle = empty && st.tier > open && self.nodes[*n as usize].pulls.is_empty();
                 if *draw < share && free.memory_mib >= least && !idle {
+                    if !empty
+                        && !self.flag_matters(*n, *ci, old, free, now)
+                        && !self.flag_matters(*n, *ci, new, free, now)
+                    {
+                        skipped += 1;
+                        continue;
+                    }
                     nodes.push((free.memory_mib, *n));
                 }
             }
         }
         nodes.sort_unstable();
         nodes.dedup();
+        self.rec.count("backlog_replans_skipped", skipped);
         self.rec.count("backlog_replans", nodes.len() as u64);
         for (_, n) in nodes {
             self.replan(n, now);
         }
+    }
+
+    /// Whether `flag` (of class `ci`; None: not flagged) can matter to the plan of node `n`, in
+    /// use with `free` unallocated: the node holds pulls of the class or holds room back for it
+    /// (its last plan followed the flag), or it could take the flag's smallest waiting request
+    /// (a full-fit or near-fit pull), or the starvation guard could have it hold room back
+    /// (`placement::policy::hold_back`, without the election, which only narrows it). A node
+    /// in use to which neither the old nor the new flag matters plans the same either way:
+    /// most of a busy cluster's nodes, nearly full, at every raise and lowering of a flag.
+    fn flag_matters(
+        &self,
+        n: u32,
+        ci: u32,
+        flag: Option<&BacklogFlag>,
+        free: &Resources,
+        now: Millis,
+    ) -> bool {
+        let node = &self.nodes[n as usize];
+        let class = &self.classes[ci as usize];
+        if node.holds_for == Some(ci)
+            || node.pulls.values().any(|(lane, _, _)| {
+                let s = &self.shards[(*lane / 2) as usize];
+                s.size == class.size && s.tclass == class.tclass && s.zone == class.zone
+            })
+        {
+            return true;
+        }
+        let Some(f) = flag else { return false };
+        let map = &self.cfg.map;
+        let smallest = if f.smallest.is_zero() {
+            map.lower_bound(f.class.size)
+        } else {
+            f.smallest.clone()
+        };
+        if smallest.fits(free) {
+            return true;
+        }
+        let guard = &self.cfg.pull.guard;
+        let target = if f.smallest.is_zero() {
+            map.upper_bound(&f.class.tclass, f.class.size)
+        } else {
+            smallest
+        };
+        f.class.size >= guard.min_class
+            && (f.since..f.since.plus(guard.max_hold)).contains(&Timestamp(now))
+            && target.fits(node.ledger.capacity())
+            && free.min_fraction_of(&target) >= guard.min_progress
     }
 
     /// How long a request of size class `size` waits before its hint spills, ms.
