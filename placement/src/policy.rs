@@ -196,11 +196,7 @@ pub fn hold_back(
         }
         // what to make room for: the smallest waiting request (a near-fit taker can take it
         // once it fits), or the class bound when the flag does not say
-        let target = if f.smallest.is_zero() {
-            b.bound.clone()
-        } else {
-            f.smallest.clone()
-        };
+        let target = f.smallest_or(|| b.bound.clone());
         if !target.fits(capacity) {
             continue; // can never fit here
         }

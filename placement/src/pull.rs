@@ -273,11 +273,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
             });
         } else if cfg.near_fit && home.contains(tclass) && now >= b.flag.since {
             // near fit: worth a spill pull when this node could hold the smallest waiting one
-            let smallest = if b.flag.smallest.is_zero() {
-                map.lower_bound(size)
-            } else {
-                b.flag.smallest.clone()
-            };
+            let smallest = b.flag.smallest_or(|| map.lower_bound(size));
             if smallest.fits(&unallocated) {
                 order.push(Candidate {
                     tclass,

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
 use crate::policy::{GuardConfig, election_draw};
-use crate::resources::Resources;
 use crate::shard::{DEFAULT_SPILL_AFTER, ShardMap};
 use crate::wire::{BacklogFlag, NodeAdvert};
 
@@ -195,11 +194,7 @@ pub fn eligible_draws<'a>(
     map: &ShardMap,
     flag: &BacklogFlag,
 ) -> BTreeMap<u16, EligibleDraws> {
-    let smallest: Resources = if flag.smallest.is_zero() {
-        map.lower_bound(flag.class.size)
-    } else {
-        flag.smallest.clone()
-    };
+    let smallest = flag.smallest_or(|| map.lower_bound(flag.class.size));
     let mut out: BTreeMap<u16, EligibleDraws> = BTreeMap::new();
     for a in adverts
         .into_iter()
@@ -246,6 +241,7 @@ mod tests {
     use super::*;
     use crate::explain::tests::advert;
     use crate::ids::Zone;
+    use crate::resources::Resources;
     use crate::shard::ClassKey;
     use crate::time::Timestamp;
     use crate::wire::{NodeState, WIRE_VERSION};

@@ -282,6 +282,19 @@ pub struct BacklogFlag {
     pub takers: Option<Vec<crate::takers::PartitionTakers>>,
 }
 
+impl BacklogFlag {
+    /// Its smallest waiting request, or `otherwise` when the flag does not say (an older
+    /// dispatcher): the class's lower bound for who could take one, its upper bound for what
+    /// the starvation guard makes room for.
+    pub fn smallest_or(&self, otherwise: impl FnOnce() -> Resources) -> Resources {
+        if self.smallest.is_zero() {
+            otherwise()
+        } else {
+            self.smallest.clone()
+        }
+    }
+}
+
 /// How often each class of a zone is requested, written by dispatchers every few seconds so
 /// nodes spend their pull credit on classes that are actually asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

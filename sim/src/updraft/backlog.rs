@@ -276,7 +276,8 @@ impl Sim<'_> {
     /// Re-plans the nodes whose plan a change of these partitions' takers can change: those
     /// the flag elects there (old or new shares, `placement::takers`) with at least the memory
     /// of the class's smallest request or the guard's least progress, in order of free memory;
-    /// of the nodes in use, only those the flag can matter to ([`Self::flag_matters`]).
+    /// of the nodes in use, only those the old or the new flag can matter to
+    /// ([`Self::flag_matters`]).
     fn replan_for(
         &mut self,
         changed: &BTreeMap<(u32, u16), Acting>,
@@ -309,10 +310,7 @@ impl Sim<'_> {
                 // (its pulls last: the one read of the node itself, for few nodes)
                 let idle = empty && st.tier > open && self.nodes[*n as usize].pulls.is_empty();
                 if *draw < share && free.memory_mib >= least && !idle {
-                    if !empty
-                        && !self.flag_matters(*n, *ci, old, free, now)
-                        && !self.flag_matters(*n, *ci, new, free, now)
-                    {
+                    if !empty && !self.flag_matters(*n, *ci, [old, new], free, now) {
                         skipped += 1;
                         continue;
                     }
@@ -329,51 +327,44 @@ impl Sim<'_> {
         }
     }
 
-    /// Whether `flag` (of class `ci`; None: not flagged) can matter to the plan of node `n`, in
-    /// use with `free` unallocated: the node holds pulls of the class or holds room back for it
-    /// (its last plan followed the flag), or it could take the flag's smallest waiting request
-    /// (a full-fit or near-fit pull), or the starvation guard could have it hold room back
-    /// (`placement::policy::hold_back`, without the election, which only narrows it). A node
-    /// in use to which neither the old nor the new flag matters plans the same either way:
-    /// most of a busy cluster's nodes, nearly full, at every raise and lowering of a flag.
+    /// Whether either of `flags` (class `ci`'s old and new flag; None: not flagged) can
+    /// matter to the plan of node `n`, in use with `free` unallocated: it could take the
+    /// flag's smallest waiting request (a full-fit or near-fit pull), or the starvation guard
+    /// could have it hold room back (`placement::policy::hold_back`, without the election,
+    /// which only narrows it), or its last plan followed a flag of the class (it holds pulls
+    /// of the class or room back for it). A node in use to which neither flag matters plans
+    /// the same either way: most of a busy cluster's nodes, nearly full, at every raise and
+    /// lowering of a flag.
     fn flag_matters(
         &self,
         n: u32,
         ci: u32,
-        flag: Option<&BacklogFlag>,
+        flags: [Option<&BacklogFlag>; 2],
         free: &Resources,
         now: Millis,
     ) -> bool {
         let node = &self.nodes[n as usize];
+        let map = &self.cfg.map;
+        let guard = &self.cfg.pull.guard;
+        let matters = |f: &BacklogFlag| {
+            if f.smallest_or(|| map.lower_bound(f.class.size)).fits(free) {
+                return true;
+            }
+            let target = f.smallest_or(|| map.upper_bound(&f.class.tclass, f.class.size));
+            f.class.size >= guard.min_class
+                && (f.since..f.since.plus(guard.max_hold)).contains(&Timestamp(now))
+                && target.fits(node.ledger.capacity())
+                && free.min_fraction_of(&target) >= guard.min_progress
+        };
+        if flags.into_iter().flatten().any(matters) {
+            return true;
+        }
         let class = &self.classes[ci as usize];
-        if node.holds_for == Some(ci)
+        node.holds_for == Some(ci)
             || node.pulls.values().any(|(lane, _, _)| {
                 let s = &self.shards[(*lane / 2) as usize];
                 s.size == class.size && s.tclass == class.tclass && s.zone == class.zone
             })
-        {
-            return true;
-        }
-        let Some(f) = flag else { return false };
-        let map = &self.cfg.map;
-        let smallest = if f.smallest.is_zero() {
-            map.lower_bound(f.class.size)
-        } else {
-            f.smallest.clone()
-        };
-        if smallest.fits(free) {
-            return true;
-        }
-        let guard = &self.cfg.pull.guard;
-        let target = if f.smallest.is_zero() {
-            map.upper_bound(&f.class.tclass, f.class.size)
-        } else {
-            smallest
-        };
-        f.class.size >= guard.min_class
-            && (f.since..f.since.plus(guard.max_hold)).contains(&Timestamp(now))
-            && target.fits(node.ledger.capacity())
-            && free.min_fraction_of(&target) >= guard.min_progress
     }
 
     /// How long a request of size class `size` waits before its hint spills, ms.
