@@ -101,6 +101,16 @@ impl ConnState {
     pub async fn changed(&mut self) -> bool {
         self.0.changed().await.is_ok()
     }
+
+    /// Waits until the connection has gone down and come back (a server restart or a network
+    /// cut), counting from the call; never returns once the client is closed for good. A watch
+    /// whose consumer lived in the server's memory re-watches then instead of waiting for its
+    /// missed heartbeats.
+    pub async fn reconnected(&mut self) {
+        if self.0.wait_for(|c| !*c).await.is_err() || self.0.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Backoff between reconnect attempts: 100 ms doubling to 5 s, with jitter from the attempt.

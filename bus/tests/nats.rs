@@ -723,3 +723,89 @@ fn a_taken_port_fails_fast_as_a_clash_and_a_picked_port_is_free() {
     assert_ne!(s.port(), port);
     std::net::TcpStream::connect(("127.0.0.1", s.port())).unwrap();
 }
+
+/// Waits up to `secs` for the next event of `w` that `want` accepts.
+async fn next_matching<T: std::fmt::Debug>(
+    w: &mut futures::stream::BoxStream<'static, T>,
+    secs: u64,
+    want: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, w.next()).await {
+            Ok(Some(e)) if want(&e) => return e,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the watch ended"),
+            Err(_) => panic!("nothing wanted arrived within {secs} s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
+    use bus::cluster::ClusterEvent;
+    use bus::commands::CommandEvent;
+    use placement::shard::{ClassKey, ShardMap};
+    let mut server = testkit::nats();
+    let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;
+    let cfg = placement::wire::ClusterConfig::new(testkit::shard_map());
+    b.cluster.init_config(&cfg).await.unwrap();
+    let node = NodeId::new("n1").unwrap();
+    let mut config = b.cluster.watch().await.unwrap();
+    let mut commands = b.commands.watch(&node).await.unwrap();
+    // the current config first
+    next_matching(&mut config, 10, |e| matches!(e, ClusterEvent::Config(_))).await;
+    let flag = |size: u8| placement::wire::BacklogFlag {
+        v: WIRE_VERSION,
+        class: ClassKey {
+            zone: Zone::new("az1").unwrap(),
+            tclass: ShardMap::std_class(),
+            size,
+        },
+        since: Timestamp(1),
+        oldest_age_ms: 0,
+        depth: 1,
+        smallest: Resources::default(),
+        updated_at: Timestamp(1),
+        takers: None,
+    };
+    let delete = |id: &str| NodeCommand {
+        v: WIRE_VERSION,
+        kind: CommandKind::Delete,
+        request: RequestId::new(id).unwrap(),
+        issued_at: Timestamp(1),
+    };
+    b.cluster.put_flag(&flag(2)).await.unwrap();
+    let raised = next_matching(&mut config, 10, |e| matches!(e, ClusterEvent::Flag(_))).await;
+    assert_eq!(raised, ClusterEvent::Flag(flag(2)));
+    b.cluster.clear_flag(&flag(2).class).await.unwrap();
+    next_matching(&mut config, 10, |e| {
+        matches!(e, ClusterEvent::FlagCleared(_))
+    })
+    .await;
+    b.commands.send(&node, &delete("before")).await.unwrap();
+    assert_eq!(
+        next_matching(&mut commands, 10, |_| true).await,
+        CommandEvent::Command(delete("before"))
+    );
+
+    // the watches' consumers live in the server's memory: a restart loses them, and the
+    // watches must recreate them and carry on from where they were
+    server.restart().unwrap();
+    let mut tries = 0;
+    while b.cluster.put_flag(&flag(3)).await.is_err() {
+        tries += 1;
+        assert!(tries < 100, "the server did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let raised = next_matching(&mut config, 60, |e| matches!(e, ClusterEvent::Flag(_))).await;
+    assert_eq!(raised, ClusterEvent::Flag(flag(3)));
+    b.commands.send(&node, &delete("after")).await.unwrap();
+    assert_eq!(
+        next_matching(&mut commands, 60, |e| {
+            *e != CommandEvent::Command(delete("before"))
+        })
+        .await,
+        CommandEvent::Command(delete("after"))
+    );
+}

@@ -262,6 +262,17 @@ async fn agents_and_dispatchers_ride_out_a_nats_restart() {
     h.wait_for(&all, Duration::from_secs(60), is_active)
         .await
         .unwrap();
+    // deletes reach the agents through their command watches, re-made after the restart
+    let gone: Vec<String> = before.iter().take(5).cloned().collect();
+    for id in &gone {
+        let (s, _) = h.delete(0, id).await.unwrap();
+        assert!(s == 202 || s == 200, "delete {id}: {s}");
+    }
+    h.wait_for(&gone, Duration::from_secs(60), |r| {
+        r.state == State::Deleted
+    })
+    .await
+    .unwrap();
     let report = h.check().await.unwrap();
     assert!(report.clean(), "{:#?}", report.violations);
     h.shutdown().await;

@@ -27,9 +27,14 @@ impl Agent {
                     }
                 }
             };
+            let mut conn = self.conn.clone();
             loop {
                 let ev = tokio::select! {
                     _ = self.cancel.cancelled() => return,
+                    () = conn.reconnected() => {
+                        tracing::info!("reconnected to NATS; watching commands again");
+                        break;
+                    }
                     ev = stream.next() => ev,
                 };
                 let Some(ev) = ev else { break };
