@@ -28,10 +28,12 @@ impl Agent {
                 }
             };
             let mut conn = self.conn.clone();
+            let reconnected = conn.reconnected();
+            tokio::pin!(reconnected);
             loop {
                 let ev = tokio::select! {
                     _ = self.cancel.cancelled() => return,
-                    () = conn.reconnected() => {
+                    () = &mut reconnected => {
                         tracing::info!("reconnected to NATS; watching commands again");
                         break;
                     }
