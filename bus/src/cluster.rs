@@ -1,6 +1,7 @@
 //! Cluster-wide state in the config bucket: the cluster config (shard map, flavors, limits),
 //! one backlog flag per class, and affinity group pins.
 
+use async_nats::jetstream::kv;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use placement::shard::ClassKey;
@@ -128,7 +129,12 @@ impl ClusterStore {
 
     /// Config and flag changes, starting with the current ones.
     pub async fn watch(&self) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
-        let watch = self.kv.watch_named(">", None).await?;
+        let watch = self
+            .kv
+            .store()
+            .watch_with_history(">")
+            .await
+            .map_err(|e| BusError::nats("watch cluster config", e))?;
         Ok(watch
             .filter_map(|entry| async move {
                 let e = match entry {
@@ -138,7 +144,7 @@ impl ClusterStore {
                         return None;
                     }
                 };
-                let put = !e.deleted;
+                let put = e.operation == kv::Operation::Put;
                 if e.key == CLUSTER_KEY && put {
                     match decode::<ClusterConfig>(&e.value) {
                         Ok(c) => Some(ClusterEvent::Config(Box::new(c))),

@@ -104,7 +104,7 @@ impl CommandStore {
         let name = format!("cmds-{node}-{}-{n}", std::process::id());
         let watch = self
             .kv
-            .watch_named(&node_commands_filter(node), Some(&name))
+            .watch_named(&node_commands_filter(node), &name)
             .await?;
         Ok(watch
             .filter_map(move |entry| {

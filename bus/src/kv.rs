@@ -103,26 +103,21 @@ impl Kv {
     }
 
     /// Watches the keys under `filter` (last value of each, then every change) through an
-    /// ordered pull consumer, named `name` if given. A named consumer's create request is
-    /// `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>`, so subject permissions can
-    /// pin a client to its own keys.
-    ///
-    /// A pull consumer, not the push consumer of async-nats's own watch: an idle push watch
-    /// costs the server a heartbeat every 5 s (fixed in async-nats), an idle pull watch a pull
-    /// every 30 s and a heartbeat in between, a third of the messages. Every agent holds two
-    /// watches, so at a thousand idle agents that is about 270 messages a second fewer
-    /// (BENCHMARKS.md).
+    /// ordered consumer named `name`. Unlike the store's own watch, the consumer has a name, so
+    /// its create request is `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>` and
+    /// subject permissions can pin a client to its own keys.
     pub async fn watch_named(
         &self,
         filter: &str,
-        name: Option<&str>,
+        name: &str,
     ) -> Result<futures::stream::BoxStream<'static, Result<WatchEntry, BusError>>, BusError> {
-        use jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
+        use jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
         let prefix = format!("$KV.{}.", self.bucket);
         let consumer = self
             .stream
-            .create_consumer(pull::OrderedConfig {
-                name: name.map(str::to_string),
+            .create_consumer(push::OrderedConfig {
+                name: Some(name.to_string()),
+                deliver_subject: self.js.client().new_inbox(),
                 filter_subject: format!("{prefix}{filter}"),
                 deliver_policy: DeliverPolicy::LastPerSubject,
                 replay_policy: ReplayPolicy::Instant,
