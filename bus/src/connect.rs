@@ -239,4 +239,33 @@ mod tests {
         assert!(backoff(0) < backoff(3));
         assert!(backoff(100) <= Duration::from_millis(5_100));
     }
+
+    #[tokio::test]
+    async fn reconnected_waits_for_a_drop_and_a_return() {
+        use futures::FutureExt;
+        let (tx, rx) = watch::channel(true);
+        let mut state = ConnState(rx);
+        let mut closed = state.clone();
+        let waiting = state.reconnected();
+        tokio::pin!(waiting);
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "connected all along"
+        );
+        tx.send(false).unwrap();
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "down, not back yet"
+        );
+        tx.send(true).unwrap();
+        assert!((&mut waiting).now_or_never().is_some(), "back");
+        // a client closed for good never reports a return
+        drop(tx);
+        let never = closed.reconnected();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), never)
+                .await
+                .is_err()
+        );
+    }
 }
