@@ -188,23 +188,10 @@ pub fn hold_back(
     let mut best: Option<(&Backlogged<'_>, Resources)> = None;
     for b in backlogged {
         let f = b.flag;
-        let until = f.since.plus(cfg.max_hold);
-        // from the spill deadline on (`since`): a class flagged earlier draws its full-fit
-        // takers, nothing is held back for it yet
-        if f.class.size < cfg.min_class || now >= until || now < f.since {
+        let Some(target) = guard_target(f, || b.bound.clone(), capacity, unallocated, cfg, now)
+        else {
             continue;
-        }
-        // what to make room for: the smallest waiting request (a near-fit taker can take it
-        // once it fits), or the class bound when the flag does not say
-        let target = f.smallest_or(|| b.bound.clone());
-        if !target.fits(capacity) {
-            continue; // can never fit here
-        }
-        // (a node that fits it already keeps holding: it takes the class first and nothing
-        // else may eat the room before the large request arrives)
-        if unallocated.min_fraction_of(&target) < cfg.min_progress {
-            continue;
-        }
+        };
         if election_draw(node, &f.class) >= cfg.share {
             continue;
         }
@@ -227,6 +214,34 @@ pub fn hold_back(
         headroom: target,
         until: b.flag.since.plus(cfg.max_hold),
     })
+}
+
+/// What the guard would have a node with `capacity` and `unallocated` make room for under
+/// flag `f` (its class's upper bound from `bound`), before the election and the partitions
+/// narrow it: the flag's smallest waiting request, or the class bound when the flag does not
+/// say, if the class is guarded, the hold has begun and not ended at `now`, the target can
+/// ever fit here and the node already has `min_progress` of it.
+pub fn guard_target(
+    f: &BacklogFlag,
+    bound: impl FnOnce() -> Resources,
+    capacity: &Resources,
+    unallocated: &Resources,
+    cfg: &GuardConfig,
+    now: Timestamp,
+) -> Option<Resources> {
+    let until = f.since.plus(cfg.max_hold);
+    // from the spill deadline on (`since`): a class flagged earlier draws its full-fit
+    // takers, nothing is held back for it yet
+    if f.class.size < cfg.min_class || now >= until || now < f.since {
+        return None;
+    }
+    // what to make room for: the smallest waiting request (a near-fit taker can take it
+    // once it fits), or the class bound when the flag does not say
+    let target = f.smallest_or(bound);
+    // (a node that fits it already keeps holding: it takes the class first and nothing
+    // else may eat the room before the large request arrives)
+    (target.fits(capacity) && unallocated.min_fraction_of(&target) >= cfg.min_progress)
+        .then_some(target)
 }
 
 /// A node's draw in the starvation guard's election for `class`, uniform in [0, 1): stable, so

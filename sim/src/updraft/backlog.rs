@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use placement::Resources;
 use placement::Timestamp;
-use placement::policy::{Policy, election_draw};
+use placement::policy::{Policy, election_draw, guard_target};
 use placement::takers::{WaitingByPartition, acting_share, flag_since, settle_takers};
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
 
@@ -350,11 +350,15 @@ impl Sim<'_> {
             if f.smallest_or(|| map.lower_bound(f.class.size)).fits(free) {
                 return true;
             }
-            let target = f.smallest_or(|| map.upper_bound(&f.class.tclass, f.class.size));
-            f.class.size >= guard.min_class
-                && (f.since..f.since.plus(guard.max_hold)).contains(&Timestamp(now))
-                && target.fits(node.ledger.capacity())
-                && free.min_fraction_of(&target) >= guard.min_progress
+            guard_target(
+                f,
+                || map.upper_bound(&f.class.tclass, f.class.size),
+                node.ledger.capacity(),
+                free,
+                guard,
+                Timestamp(now),
+            )
+            .is_some()
         };
         if flags.into_iter().flatten().any(matters) {
             return true;
