@@ -68,6 +68,7 @@ fn advert(node: &str, epoch: u64) -> NodeAdvert {
         started_at: Timestamp(0),
         heartbeat_at: Timestamp(0),
         public_key: None,
+        pack_tier: 0,
     }
 }
 

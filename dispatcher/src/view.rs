@@ -495,6 +495,7 @@ pub(crate) mod tests_support {
             started_at: Timestamp(0),
             heartbeat_at: Timestamp(0),
             public_key: key,
+            pack_tier: 0,
         }
     }
 }
@@ -659,6 +660,7 @@ mod tests {
             started_at: Timestamp(0),
             heartbeat_at: Timestamp(0),
             public_key: None,
+            pack_tier: 0,
         };
         view.upsert_advert(advert("a", 512));
         assert!(!view.admissible(&spec, t), "too small");

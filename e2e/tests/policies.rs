@@ -325,6 +325,73 @@ async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
     h.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_first() {
+    use placement::NodeId;
+    use placement::pull::PullConfig;
+
+    // every node is empty and of the last pack tier: without the flag's tier floor, a request
+    // would wait for three spill deadlines past its own before any node pulls it
+    let spill = Duration::from_secs(2);
+    let mut h = Harness::start(HarnessOptions {
+        spill_after: spill,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pull = PullConfig::default();
+    let last = pull.open_tiers - 1;
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("late-{i:03}"))
+        .filter(|n| pull.pack_tier(&NodeId::new(n.as_str()).unwrap()) == last)
+        .take(3)
+        .collect();
+    assert_eq!(names.len(), 3);
+    for n in &names {
+        h.add_agent_with(n, Resources::new(16, 32 * 1024, 1000), |c| {
+            c.pull.open_tiers = pull.open_tiers;
+        })
+        .await
+        .unwrap();
+    }
+    h.wait_nodes(names.len(), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    let (s, b) = h
+        .create(0, &json!({ "id": "lonely", "flavor": "m1.small" }))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{b}");
+    // the flag names the partition's floor: the last tier, the lowest with a node in it
+    let cluster = h.dispatchers[0].dispatcher.bus.cluster.clone();
+    let mut floors = Vec::new();
+    let placed = loop {
+        for f in cluster.flags().await.unwrap() {
+            floors.extend(f.takers.iter().flatten().map(|t| t.empty_floor));
+        }
+        let recs = h.records().await.unwrap();
+        if recs
+            .iter()
+            .any(|r| r.spec.id.as_str() == "lonely" && is_active(r))
+        {
+            break t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never placed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(floors.contains(&last), "floors seen: {floors:?}");
+    // its spill deadline, a sweep, a re-plan and a build; the tiers' own opening would be
+    // at 4 deadlines
+    assert!(
+        placed < spill * 3,
+        "placed after {placed:?}: the tiers below the floor were waited for"
+    );
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{report:?}");
+    h.shutdown().await;
+}
+
 /// Posts an operator action for `node` and waits until its advert shows the result.
 async fn node_action(h: &Harness, node: &str, action: &str) {
     let r = reqwest::Client::new()

@@ -176,6 +176,7 @@ impl Agent {
             started_at: self.started_at,
             heartbeat_at: now,
             public_key: Some(self.identity.public_key()),
+            pack_tier: self.cfg.pull.pack_tier(&self.identity.node),
         }
     }
 

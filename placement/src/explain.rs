@@ -202,6 +202,7 @@ pub(crate) mod tests {
             started_at: Timestamp(0),
             heartbeat_at: Timestamp(0),
             public_key: None,
+            pack_tier: 0,
         }
     }
 

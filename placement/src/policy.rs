@@ -386,6 +386,7 @@ mod tests {
                 part: 1,
                 in_use: 1.0,
                 empty: 1.0,
+                empty_floor: 0,
             }]),
             ..f.clone()
         };

@@ -26,7 +26,7 @@ use crate::policy::{
 };
 use crate::resources::Resources;
 use crate::shard::{Lane, ShardId, ShardMap};
-use crate::takers::acts_on;
+use crate::takers::{acts_on, floor_of};
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
@@ -90,6 +90,18 @@ pub struct PullConfig {
     pub overflow_share: f64,
     /// The starvation guard.
     pub guard: GuardConfig,
+}
+
+impl PullConfig {
+    /// The tier in which `node` opens while empty: under pack a stable hash of its id over
+    /// `open_tiers` ([`crate::policy::open_tier`]), else 0 (other policies do not tier).
+    pub fn pack_tier(&self, node: &NodeId) -> u8 {
+        if self.policy == Policy::Pack {
+            open_tier(node, self.open_tiers)
+        } else {
+            0
+        }
+    }
 }
 
 impl Default for PullConfig {
@@ -236,14 +248,11 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     // Under pack an empty node is the last resort. The server serves every waiting pull when
     // messages outnumber them, so priorities alone cannot keep a burst from opening every empty
     // host at once: empty nodes join in tiers (a stable hash of their id). Tier 0 pulls as
-    // usual; tier k pulls only classes backed up for k class deadlines.
+    // usual; tier k pulls only classes backed up for k class deadlines, counted from the
+    // flag's tier floor where only empty nodes can take them (crate::takers).
     let empty = unallocated == *capacity;
     let pack = cfg.policy == Policy::Pack;
-    let tier = if pack && empty {
-        open_tier(&node.id, cfg.open_tiers)
-    } else {
-        0
-    };
+    let tier = if empty { cfg.pack_tier(&node.id) } else { 0 };
     let per_class = if pack && !empty {
         cfg.per_class.max(1)
     } else {
@@ -260,6 +269,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         }
         let (tclass, size) = (&b.flag.class.tclass, b.flag.class.size);
         let waited = now.since(b.flag.since);
+        let tier = tier.saturating_sub(floor_of(b.flag, b.part));
         if tier > 0 && waited < map.spill_after(size) * u32::from(tier) {
             continue;
         }
@@ -637,6 +647,7 @@ mod tests {
                 part,
                 in_use,
                 empty,
+                empty_floor: 0,
             }])
         };
         let elsewhere = BacklogFlag {
@@ -657,6 +668,7 @@ mod tests {
                 part: part + 1,
                 in_use: 1.0,
                 empty: 1.0,
+                empty_floor: 0,
             }]),
             ..flag(5)
         };
@@ -850,6 +862,39 @@ mod tests {
                 let p = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
                 assert_eq!(p.pulls.len(), 1, "only the backed-up class");
                 joined_late += 1;
+                // where the flag's floor is its tier (no lower tier has an eligible node), it
+                // joins at once; a floor below it, that many deadlines later
+                let part = map.node_partition(node.id.as_str(), 2);
+                for floor in 0..=t {
+                    let floored = BacklogFlag {
+                        takers: Some(vec![crate::takers::PartitionTakers {
+                            part,
+                            in_use: 1.0,
+                            empty: 1.0,
+                            empty_floor: floor,
+                        }]),
+                        ..f.clone()
+                    };
+                    let joins_at = |at: Timestamp| {
+                        let input = PlanInput {
+                            backlog: std::slice::from_ref(&floored),
+                            now: at,
+                            ..input
+                        };
+                        !plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1))
+                            .pulls
+                            .is_empty()
+                    };
+                    let after = map.spill_after(2) * u32::from(t - floor);
+                    assert!(
+                        joins_at(Timestamp(0).plus(after)),
+                        "tier {t}, floor {floor}"
+                    );
+                    if floor < t {
+                        let before = Timestamp(0).plus(after - Duration::from_millis(1));
+                        assert!(!joins_at(before), "tier {t}, floor {floor}");
+                    }
+                }
             }
         }
         assert!(by_tier[..4].iter().all(|n| *n > 20), "{by_tier:?}");

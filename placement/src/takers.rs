@@ -17,6 +17,14 @@
 //! help (the guard holds its room for a larger class, or its room fits only the smallest),
 //! and it stays eligible while it cannot; an empty node that takes work leaves the empty
 //! set, so the empty share follows the nodes actually left to open.
+//!
+//! Under pack, empty nodes open in tiers (`crate::pull::plan_pulls`): tier k acts on a flag
+//! once its class has been backed up for k spill deadlines, so a burst opens as few hosts as
+//! it needs. Where only empty nodes can take a partition's requests (no eligible node in
+//! use) and the elected empty nodes are all of later tiers, those requests would wait for
+//! tiers with no node left in them to open. So the flag carries a tier floor there, the
+//! lowest tier among the elected empty nodes (their advertised `pack_tier`), and an empty
+//! node counts its tier from it: the first tier that has a node opens first.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -60,6 +68,21 @@ pub struct PartitionTakers {
     pub in_use: f64,
     /// Share of its empty nodes that act.
     pub empty: f64,
+    /// The pack tier its elected empty nodes count theirs from: the lowest among them, where
+    /// no node in use is eligible; else 0 (see the module's documentation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub empty_floor: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+impl PartitionTakers {
+    /// An empty node's tier of `tier` counted from this partition's floor.
+    pub fn tier_from_floor(&self, tier: u8) -> u8 {
+        tier.saturating_sub(self.empty_floor)
+    }
 }
 
 /// How many eligible nodes of a partition a backlog of `depth` waiting requests there wants
@@ -103,26 +126,52 @@ pub fn settle_share(
     }
 }
 
-/// The election draws of one partition's eligible nodes, ascending, nodes in use and empty
-/// nodes apart.
+/// One eligible node as a flag's election sees it: its election draw for the class and its
+/// pack tier (0 for a node in use, which tiers do not hold back).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    /// Its election draw for the class (`crate::policy::election_draw`).
+    pub draw: f64,
+    /// Its pack tier while empty.
+    pub tier: u8,
+}
+
+/// The eligible nodes of one partition, ascending by draw, nodes in use and empty nodes
+/// apart.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EligibleDraws {
     /// Nodes with something allocated.
-    pub in_use: Vec<f64>,
+    pub in_use: Vec<Draw>,
     /// Nodes with nothing allocated.
-    pub empty: Vec<f64>,
+    pub empty: Vec<Draw>,
 }
 
-/// The takers of a flag: for each partition with requests `waiting`, both shares settled
-/// ([`settle_share`]) from the `previous` flag's shares and the draws of the partition's
-/// eligible nodes, in ascending order, that `eligible(part, empty)` yields (the dispatcher's
-/// from [`eligible_draws`] through [`draws_in`]; the simulator's straight from its ledgers,
-/// lazily).
-pub fn settle_takers<I: IntoIterator<Item = f64>>(
+/// The tier floor of a partition (see the module's documentation): 0 where some node in use
+/// is eligible (`any_in_use`), else the lowest tier among the empty nodes `empty` (ascending
+/// by draw) that `share` elects.
+pub fn empty_floor(any_in_use: bool, empty: impl IntoIterator<Item = Draw>, share: f64) -> u8 {
+    if any_in_use {
+        return 0;
+    }
+    empty
+        .into_iter()
+        .take_while(|d| d.draw < share)
+        .map(|d| d.tier)
+        .min()
+        .unwrap_or(0)
+}
+
+/// The takers of a flag: for each partition with requests waiting, both shares settled
+/// ([`settle_share`]) from the `previous` flag's shares and the partition's eligible nodes,
+/// ascending by draw, that `eligible(part, empty)` yields (the dispatcher's from
+/// [`eligible_draws`] through [`draws_in`]; the simulator's straight from its ledgers,
+/// lazily), and the partition's tier floor ([`empty_floor`]).
+pub fn settle_takers<I: IntoIterator<Item = Draw>>(
     eligible: impl Fn(u16, bool) -> I,
     waiting: &WaitingByPartition,
     previous: Option<&BacklogFlag>,
 ) -> Vec<PartitionTakers> {
+    let draws = |part: u16, empty: bool| eligible(part, empty).into_iter().map(|d| d.draw);
     waiting
         .iter()
         .filter(|(_, n)| **n > 0)
@@ -130,27 +179,38 @@ pub fn settle_takers<I: IntoIterator<Item = f64>>(
             let before = previous
                 .and_then(|f| f.takers.as_ref())
                 .and_then(|t| t.iter().find(|t| t.part == *part));
+            let empty = settle_share(draws(*part, true), *n, before.map(|t| t.empty));
+            let any_in_use = eligible(*part, false).into_iter().next().is_some();
             PartitionTakers {
                 part: *part,
-                in_use: settle_share(eligible(*part, false), *n, before.map(|t| t.in_use)),
-                empty: settle_share(eligible(*part, true), *n, before.map(|t| t.empty)),
+                in_use: settle_share(draws(*part, false), *n, before.map(|t| t.in_use)),
+                empty,
+                empty_floor: empty_floor(any_in_use, eligible(*part, true), empty),
             }
         })
         .collect()
 }
 
-/// The draws of partition `part`'s eligible nodes in use (or empty, when `empty`), ascending.
+/// Partition `part`'s eligible nodes in use (or empty, when `empty`), ascending by draw.
 pub fn draws_in(
     eligible: &BTreeMap<u16, EligibleDraws>,
     part: u16,
     empty: bool,
-) -> impl Iterator<Item = f64> + '_ {
+) -> impl Iterator<Item = Draw> + '_ {
     eligible
         .get(&part)
         .map(|d| if empty { &d.empty } else { &d.in_use })
         .into_iter()
         .flatten()
         .copied()
+}
+
+/// The tier floor `flag` sets for partition `part` (0 where it names none).
+pub fn floor_of(flag: &BacklogFlag, part: u16) -> u8 {
+    flag.takers
+        .as_deref()
+        .and_then(|t| t.iter().find(|t| t.part == part))
+        .map_or(0, |t| t.empty_floor)
 }
 
 /// The share of the nodes (empty ones when `empty`) pulling partition `part` of `flag`'s class
@@ -185,10 +245,10 @@ pub fn acts_on(
     election_draw(node, &flag.class) < acting_share(flag, guard, part, empty)
 }
 
-/// The election draws, by the partition of the class each pulls, of the advertised nodes
-/// that could take a request of `flag`'s class: nodes of its zone that take work, pull the
-/// class (home or overflow) and have room for `smallest` (the flag's smallest waiting
-/// request, or the class's lower bound when it is not known).
+/// The election draws and pack tiers, by the partition of the class each pulls, of the
+/// advertised nodes that could take a request of `flag`'s class: nodes of its zone that take
+/// work, pull the class (home or overflow) and have room for `smallest` (the flag's smallest
+/// waiting request, or the class's lower bound when it is not known).
 pub fn eligible_draws<'a>(
     adverts: impl IntoIterator<Item = &'a NodeAdvert>,
     map: &ShardMap,
@@ -206,14 +266,17 @@ pub fn eligible_draws<'a>(
         let draw = election_draw(&a.node, &flag.class);
         let e = out.entry(part).or_default();
         if a.unallocated == a.capacity {
-            e.empty.push(draw);
+            e.empty.push(Draw {
+                draw,
+                tier: a.pack_tier,
+            });
         } else {
-            e.in_use.push(draw);
+            e.in_use.push(Draw { draw, tier: 0 });
         }
     }
     for e in out.values_mut() {
-        e.in_use.sort_by(f64::total_cmp);
-        e.empty.sort_by(f64::total_cmp);
+        e.in_use.sort_by(|a, b| a.draw.total_cmp(&b.draw));
+        e.empty.sort_by(|a, b| a.draw.total_cmp(&b.draw));
     }
     out
 }
@@ -303,6 +366,7 @@ mod tests {
             part,
             in_use,
             empty,
+            empty_floor: 0,
         }
     }
 
@@ -339,8 +403,13 @@ mod tests {
     #[test]
     fn takers_are_settled_for_the_partitions_with_waiting_requests() {
         let draws = |k: u32| EligibleDraws {
-            in_use: (0..k).map(|i| f64::from(i) / f64::from(k)).collect(),
-            empty: vec![0.5],
+            in_use: (0..k)
+                .map(|i| Draw {
+                    draw: f64::from(i) / f64::from(k),
+                    tier: 0,
+                })
+                .collect(),
+            empty: vec![Draw { draw: 0.5, tier: 2 }],
         };
         let eligible = BTreeMap::from([(0, draws(100)), (1, draws(100)), (2, draws(100))]);
         let waiting = WaitingByPartition::from([(0, 1), (2, 0), (3, 4)]);
@@ -362,6 +431,38 @@ mod tests {
     }
 
     #[test]
+    fn the_tier_floor_is_the_lowest_elected_empty_tier_where_no_node_in_use_can_take() {
+        let d = |draw: f64, tier: u8| Draw { draw, tier };
+        let empty = [d(0.1, 3), d(0.2, 2), d(0.6, 1), d(0.9, 0)];
+        assert_eq!(empty_floor(false, empty, 0.5), 2, "elected: tiers 3 and 2");
+        assert_eq!(empty_floor(false, empty, 1.0), 0);
+        assert_eq!(empty_floor(true, empty, 0.5), 0, "a node in use can take");
+        assert_eq!(empty_floor(false, [], 1.0), 0, "no empty node");
+        // settled with the takers: the elected empty nodes are all of them here (fewer than
+        // wanted), the lowest of tier 1
+        let only_empty = BTreeMap::from([(
+            0,
+            EligibleDraws {
+                in_use: vec![],
+                empty: vec![d(0.3, 3), d(0.7, 1)],
+            },
+        )]);
+        let waiting = WaitingByPartition::from([(0, 2)]);
+        let t = settle_takers(|p, e| draws_in(&only_empty, p, e), &waiting, None);
+        assert_eq!((t[0].empty, t[0].empty_floor), (1.0, 1));
+        assert_eq!(t[0].tier_from_floor(3), 2);
+        assert_eq!(t[0].tier_from_floor(0), 0);
+        let f = flag(3, Some(t.clone()));
+        assert_eq!((floor_of(&f, 0), floor_of(&f, 1)), (1, 0));
+        // on the wire, a floor of 0 is left out (and an older flag reads as 0)
+        let json = serde_json::to_string(&part(0, 0.5, 0.5)).unwrap();
+        assert!(!json.contains("empty_floor"), "{json}");
+        let back: PartitionTakers =
+            serde_json::from_str(&serde_json::to_string(&t[0]).unwrap()).unwrap();
+        assert_eq!(back, t[0]);
+    }
+
+    #[test]
     fn eligible_nodes_are_pulling_nodes_of_the_zone_with_room() {
         let mut f = flag(4, None);
         f.smallest = Resources::new(1, 8 * 1024, 1);
@@ -369,6 +470,7 @@ mod tests {
         other_zone.zone = Zone::new("az2").unwrap();
         let mut empty = advert("a", 64, 64, NodeState::Active);
         empty.unallocated = empty.capacity.clone();
+        empty.pack_tier = 3;
         let adverts = [
             empty,
             advert("b", 64, 4, NodeState::Active),
@@ -379,10 +481,13 @@ mod tests {
         let mut map = crate::shard::default_shard_map(Zone::new("az1").unwrap());
         map.size_classes[4].partitions = 1;
         let draws = eligible_draws(&adverts, &map, &f);
-        let draw = |n: &str| election_draw(&NodeId::new(n).unwrap(), &f.class);
+        let draw = |n: &str, tier: u8| Draw {
+            draw: election_draw(&NodeId::new(n).unwrap(), &f.class),
+            tier,
+        };
         let want = EligibleDraws {
-            in_use: vec![draw("d")],
-            empty: vec![draw("a")],
+            in_use: vec![draw("d", 0)],
+            empty: vec![draw("a", 3)],
         };
         assert_eq!(draws, BTreeMap::from([(0, want)]));
     }

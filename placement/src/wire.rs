@@ -208,6 +208,11 @@ pub struct NodeAdvert {
     /// The node's public signing key (nkeys), when it signs its claims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The tier in which it opens while empty under pack (`crate::pull::PullConfig::pack_tier`;
+    /// 0 under other policies): the dispatcher sets a backlog's tier floor from it
+    /// (`crate::takers`).
+    #[serde(default)]
+    pub pack_tier: u8,
 }
 
 impl NodeAdvert {

@@ -213,7 +213,7 @@ struct Standing {
     free: Option<Resources>,
     /// Live with nothing allocated.
     is_empty: bool,
-    /// Its opening tier while empty under pack (`placement::policy::open_tier`).
+    /// Its opening tier while empty (`placement::pull::PullConfig::pack_tier`).
     tier: u8,
 }
 
@@ -793,11 +793,7 @@ pub fn run(
         .map(|n| Standing {
             free: None,
             is_empty: false,
-            tier: if cfg.pull.policy == Policy::Pack {
-                placement::policy::open_tier(&n.id, cfg.pull.open_tiers)
-            } else {
-                0
-            },
+            tier: cfg.pull.pack_tier(&n.id),
         })
         .collect();
     let mut sim = Sim {

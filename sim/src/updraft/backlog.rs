@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use placement::Resources;
 use placement::Timestamp;
 use placement::policy::{Policy, election_draw, guard_target};
-use placement::takers::{WaitingByPartition, acting_share, flag_since, settle_takers};
+use placement::takers::{
+    Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers,
+};
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
 
 use super::Sim;
@@ -17,11 +19,13 @@ use crate::Millis;
 /// (election draw, node) in ascending order of draw.
 pub(super) type ClassDraws = Vec<Vec<(f64, u32)>>;
 
-/// The shares of a partition's nodes in use and of its empty nodes that act on a flag.
+/// The shares of a partition's nodes in use and of its empty nodes that act on a flag, and
+/// the tier floor of its empty nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Acting {
     in_use: f64,
     empty: f64,
+    floor: u8,
 }
 
 impl Acting {
@@ -29,13 +33,17 @@ impl Acting {
         flag.map_or_else(Acting::default, |f| Acting {
             in_use: acting_share(f, guard, part, false),
             empty: acting_share(f, guard, part, true),
+            floor: floor_of(f, part),
         })
     }
 
+    /// Both sets of nodes: the larger shares, and the higher floor (the lower tiers counted
+    /// from it, so the more empty nodes that may plan).
     fn max(self, other: Acting) -> Acting {
         Acting {
             in_use: self.in_use.max(other.in_use),
             empty: self.empty.max(other.empty),
+            floor: self.floor.max(other.floor),
         }
     }
 }
@@ -120,9 +128,10 @@ impl Sim<'_> {
                 };
                 for part in parts_of(Some(f)) {
                     let share = acting_share(f, guard, part, true);
+                    let floor = floor_of(f, part);
                     for (_, n) in self.elected(*ci, part, share) {
                         let st = &self.standing[*n as usize];
-                        if st.is_empty && (1..=open).contains(&st.tier) {
+                        if st.is_empty && (1..=open).contains(&st.tier.saturating_sub(floor)) {
                             empty.insert(*n);
                         }
                     }
@@ -212,14 +221,16 @@ impl Sim<'_> {
         part: u16,
         need: &'s Resources,
         empty: bool,
-    ) -> impl Iterator<Item = f64> + 's {
-        self.part_draws(ci, part)
-            .iter()
-            .filter(move |(_, n)| {
-                let st = &self.standing[*n as usize];
-                st.is_empty == empty && st.free.as_ref().is_some_and(|free| need.fits(free))
+    ) -> impl Iterator<Item = Draw> + 's {
+        self.part_draws(ci, part).iter().filter_map(move |(d, n)| {
+            let st = &self.standing[*n as usize];
+            let eligible =
+                st.is_empty == empty && st.free.as_ref().is_some_and(|free| need.fits(free));
+            eligible.then_some(Draw {
+                draw: *d,
+                tier: if empty { st.tier } else { 0 },
             })
-            .map(|(d, _)| *d)
+        })
     }
 
     /// Makes sure class `ci`'s nodes by partition and election draw are computed.
@@ -308,7 +319,9 @@ impl Sim<'_> {
                 let empty = st.is_empty;
                 let share = if empty { acting.empty } else { acting.in_use };
                 // (its pulls last: the one read of the node itself, for few nodes)
-                let idle = empty && st.tier > open && self.nodes[*n as usize].pulls.is_empty();
+                let idle = empty
+                    && st.tier.saturating_sub(acting.floor) > open
+                    && self.nodes[*n as usize].pulls.is_empty();
                 if *draw < share && free.memory_mib >= least && !idle {
                     if !empty && !self.flag_matters(*n, *ci, [old, new], free, now) {
                         skipped += 1;
