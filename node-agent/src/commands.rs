@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::commands::CommandEvent;
-use futures::StreamExt;
 use placement::RequestId;
 use placement::lifecycle::State;
 use placement::wire::CommandKind;
@@ -14,55 +13,37 @@ use crate::agent::{AfterCleanup, Agent, Phase};
 use crate::metrics as m;
 
 impl Agent {
-    /// Follows the commands and admin state addressed to this node, re-watching after errors.
+    /// Follows the commands and admin state addressed to this node (`Agent::follow`).
     pub async fn command_loop(self: Arc<Self>) {
-        loop {
-            let mut stream = match self.bus.commands.watch(&self.identity.node).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch commands; retrying");
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+        self.follow(
+            "commands",
+            || self.bus.commands.watch(&self.identity.node),
+            |ev| self.apply_command_event(ev),
+        )
+        .await;
+    }
+
+    fn apply_command_event(self: &Arc<Self>, ev: CommandEvent) {
+        match ev {
+            CommandEvent::Command(cmd) => match cmd.kind {
+                CommandKind::Delete => {
+                    let me = self.clone();
+                    let span = tracing::info_span!("delete", request.id = %cmd.request, node.id = %self.identity.node);
+                    self.tasks
+                        .spawn(async move { me.handle_delete(cmd.request).await }.instrument(span));
                 }
-            };
-            let mut conn = self.conn.clone();
-            let reconnected = conn.reconnected();
-            tokio::pin!(reconnected);
-            loop {
-                let ev = tokio::select! {
-                    _ = self.cancel.cancelled() => return,
-                    () = &mut reconnected => {
-                        tracing::info!("reconnected to NATS; watching commands again");
-                        break;
-                    }
-                    ev = stream.next() => ev,
-                };
-                let Some(ev) = ev else { break };
-                match ev {
-                    CommandEvent::Command(cmd) => match cmd.kind {
-                        CommandKind::Delete => {
-                            let me = self.clone();
-                            let span = tracing::info_span!("delete", request.id = %cmd.request, node.id = %self.identity.node);
-                            self.tasks.spawn(
-                                async move { me.handle_delete(cmd.request).await }.instrument(span),
-                            );
-                        }
-                    },
-                    CommandEvent::Admin(a) => {
-                        tracing::info!(cordoned = a.cordoned, draining = a.draining, by = %a.by, "admin state changed");
-                        self.set_admin(a.cordoned, a.draining);
-                    }
-                    CommandEvent::AdminCleared => {
-                        tracing::info!("admin state cleared");
-                        self.set_admin(false, false);
-                    }
-                    CommandEvent::Undecodable { key, error } => {
-                        metrics::counter!(m::HOSTILE, "kind" => "command").increment(1);
-                        tracing::warn!(key, error, "ignoring undecodable command");
-                    }
-                }
+            },
+            CommandEvent::Admin(a) => {
+                tracing::info!(cordoned = a.cordoned, draining = a.draining, by = %a.by, "admin state changed");
+                self.set_admin(a.cordoned, a.draining);
+            }
+            CommandEvent::AdminCleared => {
+                tracing::info!("admin state cleared");
+                self.set_admin(false, false);
+            }
+            CommandEvent::Undecodable { key, error } => {
+                metrics::counter!(m::HOSTILE, "kind" => "command").increment(1);
+                tracing::warn!(key, error, "ignoring undecodable command");
             }
         }
     }

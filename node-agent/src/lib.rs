@@ -19,7 +19,8 @@
 //! * `lease`: registration, renewal, self-fencing.
 //! * `commands`: deletes and admin state from the node's durable channel.
 //! * `reconcile`: ledger vs hypervisor.
-//! * `watch`: cluster config and backlog flags.
+//! * `watch`: cluster config and backlog flags; `follow`: the re-watch loop it shares with
+//!   `commands`.
 //! * `metrics`: metric names.
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod commands;
 pub mod config;
 pub mod decide;
 pub mod driver;
+mod follow;
 pub mod identity;
 pub mod lease;
 pub mod metrics;

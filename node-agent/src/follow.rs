@@ -1,0 +1,55 @@
+//! Following a KV watch for as long as the agent runs: the loop the config watch and the
+//! command channel share.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bus::BusError;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::agent::Agent;
+
+/// How long to wait before watching again after a watch could not be opened.
+const REWATCH_AFTER: Duration = Duration::from_secs(1);
+
+impl Agent {
+    /// Opens a watch with `open` and hands each of its events to `on`, until the agent is
+    /// cancelled. The watch is opened again when it ends, when opening it fails (after
+    /// [`REWATCH_AFTER`]), and as soon as the connection comes back after a drop: a restarted
+    /// server has lost the watch's consumer, and the client alone notices only after missed
+    /// heartbeats (15 to 25 s, `bus/tests/nats.rs`). `what` names the watch in the logs.
+    pub(crate) async fn follow<E, F, Fut>(&self, what: &str, open: F, mut on: impl FnMut(E))
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<BoxStream<'static, E>, BusError>>,
+    {
+        loop {
+            let mut stream = match open().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch {what}; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(REWATCH_AFTER) => continue,
+                    }
+                }
+            };
+            let mut conn = self.conn.clone();
+            let reconnected = conn.reconnected();
+            tokio::pin!(reconnected);
+            loop {
+                let ev = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    () = &mut reconnected => {
+                        tracing::info!("reconnected to NATS; watching {what} again");
+                        break;
+                    }
+                    ev = stream.next() => ev,
+                };
+                let Some(ev) = ev else { break };
+                on(ev);
+            }
+        }
+    }
+}
