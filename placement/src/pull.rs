@@ -26,7 +26,7 @@ use crate::policy::{
 };
 use crate::resources::Resources;
 use crate::shard::{Lane, ShardId, ShardMap};
-use crate::takers::{acts_on, floor_of};
+use crate::takers::{acts_on, floor_of, tier_above_floor};
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
@@ -248,8 +248,9 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
     // Under pack an empty node is the last resort. The server serves every waiting pull when
     // messages outnumber them, so priorities alone cannot keep a burst from opening every empty
     // host at once: empty nodes join in tiers (a stable hash of their id). Tier 0 pulls as
-    // usual; tier k pulls only classes backed up for k class deadlines, counted from the
-    // flag's tier floor where only empty nodes can take them (crate::takers).
+    // usual; tier k pulls only classes backed up for k class deadlines, except that the tier
+    // a flag names as its floor (where only empty nodes can take the class, crate::takers)
+    // pulls it at once.
     let empty = unallocated == *capacity;
     let pack = cfg.policy == Policy::Pack;
     let tier = if empty { cfg.pack_tier(&node.id) } else { 0 };
@@ -269,7 +270,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         }
         let (tclass, size) = (&b.flag.class.tclass, b.flag.class.size);
         let waited = now.since(b.flag.since);
-        let tier = tier.saturating_sub(floor_of(b.flag, b.part));
+        let tier = tier_above_floor(tier, floor_of(b.flag, b.part));
         if tier > 0 && waited < map.spill_after(size) * u32::from(tier) {
             continue;
         }
@@ -862,8 +863,8 @@ mod tests {
                 let p = plan_pulls(&input, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
                 assert_eq!(p.pulls.len(), 1, "only the backed-up class");
                 joined_late += 1;
-                // where the flag's floor is its tier (no lower tier has an eligible node), it
-                // joins at once; a floor below it, that many deadlines later
+                // where the flag's floor is its tier or above (no lower tier has an eligible
+                // node), it joins at once; below, after its own tier's deadlines
                 let part = map.node_partition(node.id.as_str(), 2);
                 for floor in 0..=t {
                     let floored = BacklogFlag {
@@ -885,12 +886,16 @@ mod tests {
                             .pulls
                             .is_empty()
                     };
-                    let after = map.spill_after(2) * u32::from(t - floor);
+                    let after = if floor >= t {
+                        Duration::ZERO
+                    } else {
+                        map.spill_after(2) * u32::from(t)
+                    };
                     assert!(
                         joins_at(Timestamp(0).plus(after)),
                         "tier {t}, floor {floor}"
                     );
-                    if floor < t {
+                    if after > Duration::ZERO {
                         let before = Timestamp(0).plus(after - Duration::from_millis(1));
                         assert!(!joins_at(before), "tier {t}, floor {floor}");
                     }

@@ -8,7 +8,7 @@ use placement::Resources;
 use placement::Timestamp;
 use placement::policy::{Policy, election_draw, guard_target};
 use placement::takers::{
-    Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers,
+    Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers, tier_above_floor,
 };
 use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
 
@@ -37,8 +37,8 @@ impl Acting {
         })
     }
 
-    /// Both sets of nodes: the larger shares, and the higher floor (the lower tiers counted
-    /// from it, so the more empty nodes that may plan).
+    /// Both sets of nodes: the larger shares, and the higher floor (every tier up to it acts
+    /// as tier 0, so the more empty nodes that may plan).
     fn max(self, other: Acting) -> Acting {
         Acting {
             in_use: self.in_use.max(other.in_use),
@@ -131,7 +131,7 @@ impl Sim<'_> {
                     let floor = floor_of(f, part);
                     for (_, n) in self.elected(*ci, part, share) {
                         let st = &self.standing[*n as usize];
-                        if st.is_empty && (1..=open).contains(&st.tier.saturating_sub(floor)) {
+                        if st.is_empty && (1..=open).contains(&tier_above_floor(st.tier, floor)) {
                             empty.insert(*n);
                         }
                     }
@@ -320,7 +320,7 @@ impl Sim<'_> {
                 let share = if empty { acting.empty } else { acting.in_use };
                 // (its pulls last: the one read of the node itself, for few nodes)
                 let idle = empty
-                    && st.tier.saturating_sub(acting.floor) > open
+                    && tier_above_floor(st.tier, acting.floor) > open
                     && self.nodes[*n as usize].pulls.is_empty();
                 if *draw < share && free.memory_mib >= least && !idle {
                     if !empty && !self.flag_matters(*n, *ci, [old, new], free, now) {
