@@ -70,8 +70,9 @@ pub struct PartitionTakers {
     pub in_use: f64,
     /// Share of its empty nodes that act.
     pub empty: f64,
-    /// The pack tier its elected empty nodes count theirs from: the lowest among them, where
-    /// no node in use is eligible; else 0 (see the module's documentation).
+    /// The pack tier up to which its elected empty nodes act at once ([`tier_above_floor`]):
+    /// the lowest among them, where no node in use is eligible; else 0 (see the module's
+    /// documentation).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub empty_floor: u8,
 }
@@ -179,9 +180,7 @@ pub fn settle_takers<I: IntoIterator<Item = Draw>>(
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(part, n)| {
-            let before = previous
-                .and_then(|f| f.takers.as_ref())
-                .and_then(|t| t.iter().find(|t| t.part == *part));
+            let before = previous.and_then(|f| partition_takers(f, *part));
             let empty = settle_share(draws(*part, true), *n, before.map(|t| t.empty));
             let any_in_use = eligible(*part, false).into_iter().next().is_some();
             PartitionTakers {
@@ -208,12 +207,15 @@ pub fn draws_in(
         .copied()
 }
 
+/// The takers `flag` names for partition `part` (none where it names none there, or names
+/// no takers at all).
+pub fn partition_takers(flag: &BacklogFlag, part: u16) -> Option<&PartitionTakers> {
+    flag.takers.as_deref()?.iter().find(|t| t.part == part)
+}
+
 /// The tier floor `flag` sets for partition `part` (0 where it names none).
 pub fn floor_of(flag: &BacklogFlag, part: u16) -> u8 {
-    flag.takers
-        .as_deref()
-        .and_then(|t| t.iter().find(|t| t.part == part))
-        .map_or(0, |t| t.empty_floor)
+    partition_takers(flag, part).map_or(0, |t| t.empty_floor)
 }
 
 /// The share of the nodes (empty ones when `empty`) pulling partition `part` of `flag`'s class
@@ -222,10 +224,10 @@ pub fn floor_of(flag: &BacklogFlag, part: u16) -> u8 {
 /// guard watches, at least the guard's share where requests wait (a node the guard elects
 /// holds back for the class).
 pub fn acting_share(flag: &BacklogFlag, guard: &GuardConfig, part: u16, empty: bool) -> f64 {
-    let Some(takers) = &flag.takers else {
+    if flag.takers.is_none() {
         return 1.0;
-    };
-    let Some(t) = takers.iter().find(|t| t.part == part) else {
+    }
+    let Some(t) = partition_takers(flag, part) else {
         return 0.0;
     };
     let share = if empty { t.empty } else { t.in_use };
