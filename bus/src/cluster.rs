@@ -1,5 +1,6 @@
 //! Cluster-wide state in the config bucket: the cluster config (shard map, flavors, limits),
-//! one backlog flag per class, and affinity group pins.
+//! backlog flags (one key per partition of a class, `placement::flag_writes`), class demand
+//! and affinity group pins.
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
@@ -7,6 +8,7 @@ use futures::stream::BoxStream;
 use placement::shard::ClassKey;
 use placement::subjects::{
     BACKLOG_PREFIX, CLUSTER_KEY, DEMAND_PREFIX, backlog_key, demand_key, group_key,
+    parse_backlog_key,
 };
 use placement::wire::{BacklogFlag, ClassDemand, ClusterConfig, GroupPin, decode, encode};
 
@@ -24,10 +26,20 @@ pub struct ClusterStore {
 pub enum ClusterEvent {
     /// The cluster config changed.
     Config(Box<ClusterConfig>),
-    /// A class backed up (or its flag was refreshed).
-    Flag(BacklogFlag),
-    /// A class's flag was cleared (`backlog.<class>` key).
-    FlagCleared(String),
+    /// A class backed up, as stored for one of its partitions (or that was refreshed).
+    Flag {
+        /// The partition whose key holds it.
+        part: u16,
+        /// The flag, with that partition's takers only.
+        flag: BacklogFlag,
+    },
+    /// A class's flag was cleared in one partition.
+    FlagCleared {
+        /// The class.
+        class: ClassKey,
+        /// The partition.
+        part: u16,
+    },
     /// A zone's class demand was updated.
     Demand(ClassDemand),
 }
@@ -76,25 +88,25 @@ impl ClusterStore {
             .await
     }
 
-    /// Raises (or refreshes) a class's backlog flag.
-    pub async fn put_flag(&self, flag: &BacklogFlag) -> Result<(), BusError> {
+    /// Stores a class's flag under partition `part`'s key (`placement::flag_writes`).
+    pub async fn put_flag(&self, part: u16, flag: &BacklogFlag) -> Result<(), BusError> {
         self.kv
-            .put(&backlog_key(&flag.class), encode(flag).into())
+            .put(&backlog_key(&flag.class, part), encode(flag).into())
             .await
             .map(|_| ())
     }
 
-    /// Clears a class's backlog flag.
-    pub async fn clear_flag(&self, class: &ClassKey) -> Result<(), BusError> {
-        self.kv.delete(&backlog_key(class), None).await
+    /// Clears a class's backlog flag in partition `part`.
+    pub async fn clear_flag(&self, class: &ClassKey, part: u16) -> Result<(), BusError> {
+        self.kv.delete(&backlog_key(class, part), None).await
     }
 
-    /// Every raised flag.
-    pub async fn flags(&self) -> Result<Vec<BacklogFlag>, BusError> {
+    /// Every raised flag, as stored per partition.
+    pub async fn flags(&self) -> Result<Vec<(u16, BacklogFlag)>, BusError> {
         let mut out = Vec::new();
-        for (_, b, _) in self.kv.snapshot("backlog.>").await? {
-            if let Ok(f) = decode::<BacklogFlag>(&b) {
-                out.push(f);
+        for (key, b, _) in self.kv.snapshot(&format!("{BACKLOG_PREFIX}>")).await? {
+            if let (Some((_, part)), Ok(f)) = (parse_backlog_key(&key), decode::<BacklogFlag>(&b)) {
+                out.push((part, f));
             }
         }
         Ok(out)
@@ -127,7 +139,8 @@ impl ClusterStore {
         }
     }
 
-    /// Config and flag changes, starting with the current ones.
+    /// Every change in the bucket that concerns the cluster (config, demand, every flag),
+    /// starting with the current state: the dispatchers' view.
     pub async fn watch(&self) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
         let watch = self
             .kv
@@ -135,37 +148,68 @@ impl ClusterStore {
             .watch_with_history(">")
             .await
             .map_err(|e| BusError::nats("watch cluster config", e))?;
-        Ok(watch
-            .filter_map(|entry| async move {
-                let e = match entry {
-                    Ok(e) => e,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cluster watch error; the watcher recovers");
-                        return None;
-                    }
-                };
-                let put = e.operation == kv::Operation::Put;
-                if e.key == CLUSTER_KEY && put {
-                    match decode::<ClusterConfig>(&e.value) {
-                        Ok(c) => Some(ClusterEvent::Config(Box::new(c))),
-                        Err(err) => {
-                            tracing::warn!(error = %err, "ignoring undecodable cluster config");
-                            None
-                        }
-                    }
-                } else if e.key.starts_with(DEMAND_PREFIX) && put {
-                    decode::<ClassDemand>(&e.value)
-                        .ok()
-                        .map(ClusterEvent::Demand)
-                } else if e.key.starts_with(BACKLOG_PREFIX) {
-                    if !put {
-                        return Some(ClusterEvent::FlagCleared(e.key));
-                    }
-                    decode::<BacklogFlag>(&e.value).ok().map(ClusterEvent::Flag)
-                } else {
-                    None
-                }
-            })
-            .boxed())
+        Ok(events(watch))
     }
+
+    /// Changes of `keys` only (`placement::subjects::node_config_keys`: a node's), starting
+    /// with their current values. One consumer filtered on every key, so a write to any
+    /// other key never reaches the watcher.
+    pub async fn watch_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
+        if keys.is_empty() {
+            // a consumer without filters would deliver the whole bucket
+            return Ok(futures::stream::pending().boxed());
+        }
+        let watch = self
+            .kv
+            .store()
+            .watch_many_with_history(keys)
+            .await
+            .map_err(|e| BusError::nats("watch cluster config", e))?;
+        Ok(events(watch))
+    }
+}
+
+/// The cluster events of a watch of the config bucket (entries of other keys are skipped).
+fn events(watch: kv::Watch) -> BoxStream<'static, ClusterEvent> {
+    watch
+        .filter_map(|entry| async move {
+            let e = match entry {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cluster watch error; the watcher recovers");
+                    return None;
+                }
+            };
+            let put = e.operation == kv::Operation::Put;
+            if e.key == CLUSTER_KEY && put {
+                match decode::<ClusterConfig>(&e.value) {
+                    Ok(c) => Some(ClusterEvent::Config(Box::new(c))),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "ignoring undecodable cluster config");
+                        None
+                    }
+                }
+            } else if e.key.starts_with(DEMAND_PREFIX) && put {
+                decode::<ClassDemand>(&e.value)
+                    .ok()
+                    .map(ClusterEvent::Demand)
+            } else if let Some((class, part)) = parse_backlog_key(&e.key) {
+                if !put {
+                    return Some(ClusterEvent::FlagCleared { class, part });
+                }
+                match decode::<BacklogFlag>(&e.value) {
+                    Ok(flag) if flag.class == class => Some(ClusterEvent::Flag { part, flag }),
+                    _ => {
+                        tracing::warn!(key = %e.key, "ignoring an undecodable backlog flag");
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        })
+        .boxed()
 }

@@ -725,6 +725,111 @@ fn a_taken_port_fails_fast_as_a_clash_and_a_picked_port_is_free() {
     std::net::TcpStream::connect(("127.0.0.1", s.port())).unwrap();
 }
 
+#[tokio::test]
+async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
+    use bus::cluster::ClusterEvent;
+    use placement::shard::ClassKey;
+    use placement::subjects::node_config_keys;
+    use placement::takers::PartitionTakers;
+    let server = testkit::nats();
+    let mut map = testkit::shard_map();
+    map.size_classes[2].partitions = 4;
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let cfg = placement::wire::ClusterConfig::new(map.clone());
+    b.cluster.init_config(&cfg).await.unwrap();
+    let node = NodeId::new("n1").unwrap();
+    let zone = Zone::new("az1").unwrap();
+    let mine = map.node_partition(node.as_str(), 2);
+    let keys = node_config_keys(&map, &node, &zone, &[]);
+    let mut node_watch = b.cluster.watch_keys(&keys).await.unwrap();
+    let mut all = b.cluster.watch().await.unwrap();
+    next_matching(&mut node_watch, 10, |e| {
+        matches!(e, ClusterEvent::Config(_))
+    })
+    .await;
+    let class = |zone: &str| ClassKey {
+        zone: Zone::new(zone).unwrap(),
+        tclass: placement::shard::ShardMap::std_class(),
+        size: 2,
+    };
+    let flag = |zone: &str, part: u16| placement::wire::BacklogFlag {
+        v: WIRE_VERSION,
+        class: class(zone),
+        since: Timestamp(1),
+        oldest_age_ms: 0,
+        depth: 1,
+        smallest: Resources::default(),
+        updated_at: Timestamp(1),
+        takers: Some(vec![PartitionTakers {
+            part,
+            in_use: 1.0,
+            empty: 0.0,
+            empty_floor: 0,
+        }]),
+    };
+    // every other partition, another zone's flag and demand, and a group pin: none reach the
+    // node; its own partition, written last, is the first thing its watch sees
+    for part in (0..4).filter(|p| *p != mine) {
+        b.cluster.put_flag(part, &flag("az1", part)).await.unwrap();
+    }
+    b.cluster.put_flag(mine, &flag("az2", mine)).await.unwrap();
+    b.cluster
+        .put_demand(&placement::wire::ClassDemand {
+            v: WIRE_VERSION,
+            zone: Zone::new("az2").unwrap(),
+            rates: Vec::new(),
+            updated_at: Timestamp(1),
+        })
+        .await
+        .unwrap();
+    b.cluster
+        .pin_group(
+            "g1",
+            &placement::wire::GroupPin {
+                v: WIRE_VERSION,
+                node: node.clone(),
+                at: Timestamp(1),
+            },
+        )
+        .await
+        .unwrap();
+    b.cluster.put_flag(mine, &flag("az1", mine)).await.unwrap();
+    b.cluster.clear_flag(&class("az1"), mine).await.unwrap();
+    let first = next_matching(&mut node_watch, 10, |_| true).await;
+    assert_eq!(
+        first,
+        ClusterEvent::Flag {
+            part: mine,
+            flag: flag("az1", mine)
+        }
+    );
+    let second = next_matching(&mut node_watch, 10, |_| true).await;
+    assert_eq!(
+        second,
+        ClusterEvent::FlagCleared {
+            class: class("az1"),
+            part: mine
+        }
+    );
+    // the dispatchers' watch sees every partition
+    let mut parts = std::collections::BTreeSet::new();
+    while parts.len() < 4 {
+        if let ClusterEvent::Flag { part, flag } =
+            next_matching(&mut all, 10, |e| matches!(e, ClusterEvent::Flag { .. })).await
+            && flag.class.zone.as_str() == "az1"
+        {
+            parts.insert(part);
+        }
+    }
+    // and nothing else reached the node
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), node_watch.next())
+            .await
+            .is_err(),
+        "a key the node does not watch reached it"
+    );
+}
+
 /// Waits up to `secs` for the next event of `w` that `want` accepts.
 async fn next_matching<T: std::fmt::Debug>(
     w: &mut futures::stream::BoxStream<'static, T>,
@@ -776,14 +881,27 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
         request: RequestId::new(id).unwrap(),
         issued_at: Timestamp(1),
     };
-    b.cluster.put_flag(&flag(2)).await.unwrap();
-    let raised = next_matching(&mut config, 10, |e| matches!(e, ClusterEvent::Flag(_))).await;
-    assert_eq!(raised, ClusterEvent::Flag(flag(2)));
-    b.cluster.clear_flag(&flag(2).class).await.unwrap();
-    next_matching(&mut config, 10, |e| {
-        matches!(e, ClusterEvent::FlagCleared(_))
+    b.cluster.put_flag(0, &flag(2)).await.unwrap();
+    let raised = next_matching(&mut config, 10, |e| matches!(e, ClusterEvent::Flag { .. })).await;
+    assert_eq!(
+        raised,
+        ClusterEvent::Flag {
+            part: 0,
+            flag: flag(2)
+        }
+    );
+    b.cluster.clear_flag(&flag(2).class, 0).await.unwrap();
+    let cleared = next_matching(&mut config, 10, |e| {
+        matches!(e, ClusterEvent::FlagCleared { .. })
     })
     .await;
+    assert_eq!(
+        cleared,
+        ClusterEvent::FlagCleared {
+            class: flag(2).class,
+            part: 0
+        }
+    );
     b.commands.send(&node, &delete("before")).await.unwrap();
     assert_eq!(
         next_matching(&mut commands, 10, |_| true).await,
@@ -794,13 +912,19 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
     // watches must recreate them and carry on from where they were
     server.restart().unwrap();
     let mut tries = 0;
-    while b.cluster.put_flag(&flag(3)).await.is_err() {
+    while b.cluster.put_flag(0, &flag(3)).await.is_err() {
         tries += 1;
         assert!(tries < 100, "the server did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let raised = next_matching(&mut config, 60, |e| matches!(e, ClusterEvent::Flag(_))).await;
-    assert_eq!(raised, ClusterEvent::Flag(flag(3)));
+    let raised = next_matching(&mut config, 60, |e| matches!(e, ClusterEvent::Flag { .. })).await;
+    assert_eq!(
+        raised,
+        ClusterEvent::Flag {
+            part: 0,
+            flag: flag(3)
+        }
+    );
     b.commands.send(&node, &delete("after")).await.unwrap();
     assert_eq!(
         next_matching(&mut commands, 60, |e| {

@@ -21,6 +21,8 @@ pub const REAPED: &str = "updraft_dispatcher_reaped_total";
 pub const TIMERS: &str = "updraft_dispatcher_timers_total";
 /// Sweep actions, by action.
 pub const SWEEP: &str = "updraft_dispatcher_sweep_actions_total";
+/// Backlog flag keys written or deleted (one per partition of a class).
+pub const FLAG_WRITES: &str = "updraft_dispatcher_flag_writes_total";
 /// Deletes requested.
 pub const DELETES: &str = "updraft_dispatcher_deletes_total";
 /// Queued requests per class.
@@ -49,6 +51,7 @@ pub const ALL: &[&str] = &[
     REAPED,
     TIMERS,
     SWEEP,
+    FLAG_WRITES,
     DELETES,
     QUEUE_DEPTH,
     QUEUE_OLDEST,
@@ -70,6 +73,10 @@ pub fn describe() {
     describe_counter!(REAPED, "Claims reaped from dead or restarted nodes");
     describe_counter!(TIMERS, "Timer fires handled, by kind and outcome");
     describe_counter!(SWEEP, "Sweep actions, by action");
+    describe_counter!(
+        FLAG_WRITES,
+        "Backlog flag keys written or deleted (one per partition of a class)"
+    );
     describe_counter!(DELETES, "Deletes requested");
     describe_gauge!(QUEUE_DEPTH, "Queued requests per class");
     describe_gauge!(

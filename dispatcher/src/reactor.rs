@@ -11,6 +11,7 @@ use bus::cluster::ClusterEvent;
 use bus::nodes::NodeEvent;
 use bus::records::RecordEvent;
 use futures::StreamExt;
+use placement::flag_writes::{merge_partition, remove_partition};
 use placement::lifecycle::{RequestRecord, State, TransitionError};
 use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId};
 use tokio::sync::mpsc;
@@ -384,17 +385,19 @@ impl Dispatcher {
                             *self.cluster.write().expect("cluster lock") = *c;
                         }
                     }
-                    ClusterEvent::Flag(f) => {
-                        self.flags
-                            .lock()
-                            .expect("flags lock")
-                            .insert(f.class.clone(), f);
+                    ClusterEvent::Flag { part, flag } => {
+                        let mut flags = self.flags.lock().expect("flags lock");
+                        let class = flag.class.clone();
+                        let whole = merge_partition(flags.remove(&class), part, flag);
+                        flags.insert(class, whole);
                     }
-                    ClusterEvent::FlagCleared(key) => {
-                        self.flags
-                            .lock()
-                            .expect("flags lock")
-                            .retain(|k, _| placement::subjects::backlog_key(k) != key);
+                    ClusterEvent::FlagCleared { class, part } => {
+                        let mut flags = self.flags.lock().expect("flags lock");
+                        if let Some(rest) =
+                            flags.remove(&class).and_then(|f| remove_partition(f, part))
+                        {
+                            flags.insert(class, rest);
+                        }
                     }
                     ClusterEvent::Demand(_) => {}
                 }

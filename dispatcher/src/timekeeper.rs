@@ -10,6 +10,7 @@ use std::time::Duration;
 use bus::Versioned;
 use futures::StreamExt;
 use placement::explain::explain;
+use placement::flag_writes::{FLAG_REFRESH, FlagWrites, flag_writes};
 use placement::lifecycle::{Claim, RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
 use placement::takers::{draws_in, eligible_draws, flag_since, settle_takers};
@@ -22,8 +23,6 @@ use crate::metrics as m;
 use crate::service::Dispatcher;
 use crate::view::ClassQueue;
 
-/// A flag is re-written this often while its class stays backed up.
-const FLAG_REFRESH: Duration = Duration::from_secs(10);
 /// Demand is re-written at least this often (and sooner when it changes).
 const DEMAND_REFRESH: Duration = Duration::from_secs(30);
 
@@ -178,9 +177,10 @@ impl Dispatcher {
     /// up (its oldest waiting request's spill deadline); a flag still backed up keeps its
     /// first `since` (`placement::takers::flag_since`), so the pack tiers and the starvation
     /// guard count from one instant. The flag's takers (per partition with requests waiting)
-    /// are settled against the nodes' advertisements each sweep (`placement::takers`); a flag
-    /// is written when first raised, when its takers or its `since` move, and every
-    /// `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
+    /// are settled against the nodes' advertisements each sweep (`placement::takers`). A flag
+    /// is stored per partition (`placement::flag_writes`): a partition's key is written when
+    /// the flag is first raised there, when its takers there or the flag's `since` move, and
+    /// every `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
     /// sweep); without it (a spill) only a new flag is raised.
     async fn raise_flag(
         &self,
@@ -231,17 +231,37 @@ impl Dispatcher {
             }
             flag
         };
-        let due = prev.as_ref().is_none_or(|f| {
-            now.since(f.updated_at) >= FLAG_REFRESH
-                || f.takers != flag.takers
-                || f.since != flag.since
-        });
-        if !due {
-            return;
-        }
-        if self.bus.cluster.put_flag(&flag).await.is_ok() {
+        let refresh = prev
+            .as_ref()
+            .is_some_and(|f| now.since(f.updated_at) >= FLAG_REFRESH);
+        let writes = flag_writes(prev.as_ref(), Some(&flag), self.partitions(&class), refresh);
+        if !writes.is_empty() && self.write_flag(&class, &writes).await {
             self.flags.lock().expect("flags lock").insert(class, flag);
         }
+    }
+
+    /// The partitions of `class` in the shard map in force.
+    fn partitions(&self, class: &ClassKey) -> u16 {
+        self.cluster
+            .read()
+            .expect("cluster lock")
+            .shard_map
+            .size_classes
+            .get(usize::from(class.size))
+            .map_or(1, |c| c.partitions)
+    }
+
+    /// Writes and deletes a flag's partition keys; true when every one succeeded.
+    async fn write_flag(&self, class: &ClassKey, writes: &FlagWrites) -> bool {
+        let mut ok = true;
+        for (part, stored) in &writes.put {
+            ok &= self.bus.cluster.put_flag(*part, stored).await.is_ok();
+        }
+        for part in &writes.delete {
+            ok &= self.bus.cluster.clear_flag(class, *part).await.is_ok();
+        }
+        metrics::counter!(m::FLAG_WRITES).increment(writes.len() as u64);
+        ok
     }
 
     /// Sweeps every `sweep_interval`.
@@ -420,7 +440,9 @@ impl Dispatcher {
             .cloned()
             .collect();
         for class in stale {
-            if self.bus.cluster.clear_flag(&class).await.is_ok() {
+            let prev = self.flags.lock().expect("flags lock").get(&class).cloned();
+            let writes = flag_writes(prev.as_ref(), None, self.partitions(&class), false);
+            if self.write_flag(&class, &writes).await {
                 self.flags.lock().expect("flags lock").remove(&class);
             }
         }

@@ -34,6 +34,8 @@ pub struct HarnessOptions {
     pub spill_after: Duration,
     /// Size ladder top (largest request accepted).
     pub ladder_top: Resources,
+    /// Work-queue partitions of every size class.
+    pub partitions: u16,
 }
 
 impl Default for HarnessOptions {
@@ -44,6 +46,7 @@ impl Default for HarnessOptions {
             deadline_s: 60,
             spill_after: Duration::from_millis(800),
             ladder_top: Resources::new(64, 256 * 1024, 2560),
+            partitions: 1,
         }
     }
 }
@@ -125,6 +128,7 @@ pub fn dispatcher_config(url: &str, opts: &HarnessOptions) -> dispatcher::Config
     c.hint_check_after = Duration::from_secs(5);
     c.default_deadline_s = opts.deadline_s;
     c.ladder.spill_after = opts.spill_after;
+    c.ladder.partitions = opts.partitions;
     c.ladder.top = dispatcher::config::Size {
         vcpus: opts.ladder_top.vcpus,
         memory_mib: opts.ladder_top.memory_mib,

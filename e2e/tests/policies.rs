@@ -256,8 +256,16 @@ async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
     use placement::shard::ClassKey;
     use placement::takers::takers_wanted;
 
-    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    // two partitions: a flag is stored per partition, and only the nodes pulling a partition
+    // watch its key (placement::flag_writes)
+    let mut h = Harness::start(HarnessOptions {
+        partitions: 2,
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
     let map = h.dispatchers[0].dispatcher.cluster().shard_map;
+    assert_eq!(map.size_classes[0].partitions, 2);
     // a request no node fully fits (its class bound is larger than a node) but every empty
     // node holds: it waits for near-fit takers, and its class is flagged
     let want = Resources::new(4, 24 * 1024, 20);
@@ -367,7 +375,7 @@ async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_firs
     let cluster = h.dispatchers[0].dispatcher.bus.cluster.clone();
     let mut floors = Vec::new();
     let placed = loop {
-        for f in cluster.flags().await.unwrap() {
+        for (_, f) in cluster.flags().await.unwrap() {
             floors.extend(f.takers.iter().flatten().map(|t| t.empty_floor));
         }
         let recs = h.records().await.unwrap();

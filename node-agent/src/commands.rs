@@ -18,7 +18,10 @@ impl Agent {
         self.follow(
             "commands",
             || self.bus.commands.watch(&self.identity.node),
-            |ev| self.apply_command_event(ev),
+            |ev| {
+                self.apply_command_event(ev);
+                std::ops::ControlFlow::Continue(())
+            },
         )
         .await;
     }

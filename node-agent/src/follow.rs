@@ -2,6 +2,7 @@
 //! command channel share.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use bus::BusError;
@@ -18,9 +19,14 @@ impl Agent {
     /// cancelled. The watch is opened again when it ends, when opening it fails (after
     /// [`REWATCH_AFTER`]), and as soon as the connection comes back after a drop: a restarted
     /// server has lost the watch's consumer, and the client alone notices only after missed
-    /// heartbeats (15 to 25 s, `bus/tests/nats.rs`). `what` names the watch in the logs.
-    pub(crate) async fn follow<E, F, Fut>(&self, what: &str, open: F, mut on: impl FnMut(E))
-    where
+    /// heartbeats (15 to 25 s, `bus/tests/nats.rs`); and when `on` breaks (what to watch
+    /// changed). `what` names the watch in the logs.
+    pub(crate) async fn follow<E, F, Fut>(
+        &self,
+        what: &str,
+        open: F,
+        mut on: impl FnMut(E) -> ControlFlow<()>,
+    ) where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<BoxStream<'static, E>, BusError>>,
     {
@@ -48,7 +54,10 @@ impl Agent {
                     ev = stream.next() => ev,
                 };
                 let Some(ev) = ev else { break };
-                on(ev);
+                if on(ev).is_break() {
+                    tracing::debug!("watching {what} again");
+                    break;
+                }
             }
         }
     }

@@ -20,12 +20,14 @@
 //! * `lifecycle`: the request record and its state machine.
 //! * `wire`: versioned messages between components (unknown fields tolerated).
 //! * `explain`: admission and "why pending" explanations from advertisements.
+//! * `takers`: which nodes act on a backlog flag; `flag_writes`: a flag stored per partition.
 //! * `subjects`: every NATS name.
 //! * `time`: timestamps as values.
 //! * `trace`: workload trace lines (the Azure trace and a simple format of our own).
 
 pub mod checks;
 pub mod explain;
+pub mod flag_writes;
 pub mod flavor;
 pub mod ids;
 pub mod ledger;

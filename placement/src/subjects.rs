@@ -3,8 +3,8 @@
 //! Subjects are lowercase with a version token; streams and buckets are `UPPER_SNAKE`;
 //! consumers are kebab-case. docs/subjects.md lists each with its producer and consumer.
 
-use crate::ids::{NodeId, RequestId};
-use crate::shard::{ClassKey, Lane, ShardId};
+use crate::ids::{NodeId, RequestId, TraitClassName, TraitName, Zone};
+use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
 use crate::wire::TimerKind;
 
 /// Root of every updraft subject.
@@ -113,9 +113,59 @@ pub fn hint_repair_msg_id(id: &RequestId, attempt: u32, lane: Lane, repair: u64)
     format!("{}:r{repair}", hint_msg_id(id, attempt, lane))
 }
 
-/// Key of a backlog flag in [`CONFIG_BUCKET`].
-pub fn backlog_key(class: &ClassKey) -> String {
-    format!("backlog.{}.{}.s{:02}", class.zone, class.tclass, class.size)
+/// Key of a backlog flag in [`CONFIG_BUCKET`]: one per partition of the class, so a flag
+/// reaches only the nodes that pull that partition (`crate::flag_writes`).
+pub fn backlog_key(class: &ClassKey, part: u16) -> String {
+    format!(
+        "backlog.{}.{}.s{:02}.p{part}",
+        class.zone, class.tclass, class.size
+    )
+}
+
+/// The class and partition of a backlog key ([`backlog_key`]); `None` for any other key.
+pub fn parse_backlog_key(key: &str) -> Option<(ClassKey, u16)> {
+    let rest = key.strip_prefix(BACKLOG_PREFIX)?;
+    let mut tokens = rest.split('.');
+    let (zone, tclass, size, part) = (
+        tokens.next()?,
+        tokens.next()?,
+        tokens.next()?,
+        tokens.next()?,
+    );
+    if tokens.next().is_some() {
+        return None;
+    }
+    let class = ClassKey {
+        zone: Zone::new(zone).ok()?,
+        tclass: TraitClassName::new(tclass).ok()?,
+        size: size.strip_prefix('s')?.parse().ok()?,
+    };
+    Some((class, part.strip_prefix('p')?.parse().ok()?))
+}
+
+/// The keys of [`CONFIG_BUCKET`] a node watches: the cluster config, its zone's class demand,
+/// and the flag of the one partition it pulls of every class it may pull (home or overflow).
+/// A flag's other partitions, other zones' demand and the affinity pins never reach it.
+pub fn node_config_keys(
+    map: &ShardMap,
+    node: &NodeId,
+    zone: &Zone,
+    traits: &[TraitName],
+) -> Vec<String> {
+    let mut keys = vec![CLUSTER_KEY.to_string(), demand_key(zone)];
+    let (home, overflow) = map.pullable_classes(traits);
+    for tclass in home.into_iter().chain(overflow) {
+        for size in 0..map.size_classes.len() {
+            let size = u8::try_from(size).expect("at most MAX_SIZE_CLASSES");
+            let class = ClassKey {
+                zone: zone.clone(),
+                tclass: tclass.clone(),
+                size,
+            };
+            keys.push(backlog_key(&class, map.node_partition(node.as_str(), size)));
+        }
+    }
+    keys
 }
 
 /// Key of a zone's class demand in [`CONFIG_BUCKET`].
@@ -216,7 +266,43 @@ mod tests {
             timer_fire_subject(&id, TimerKind::Deadline),
             "updraft.v1.timer.fire.abc.deadline"
         );
-        assert_eq!(backlog_key(&s.class()), "backlog.us-east-1a.std.s03");
+        assert_eq!(backlog_key(&s.class(), 2), "backlog.us-east-1a.std.s03.p2");
+    }
+
+    #[test]
+    fn backlog_keys_parse_back() {
+        let class = shard().class();
+        assert_eq!(
+            parse_backlog_key(&backlog_key(&class, 17)),
+            Some((class.clone(), 17))
+        );
+        for other in [
+            "backlog.us-east-1a.std.s03",
+            "backlog.us-east-1a.std.s03.p1.x",
+            "backlog.us-east-1a.std.3.p1",
+            "backlog.us-east-1a.std.s03.1",
+            "demand.us-east-1a",
+            "cluster",
+        ] {
+            assert_eq!(parse_backlog_key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_node_watches_one_partition_of_each_class_it_pulls() {
+        let mut map = crate::shard::default_shard_map(Zone::new("az1").unwrap());
+        map.size_classes[2].partitions = 4;
+        let node = NodeId::new("n7").unwrap();
+        let zone = Zone::new("az1").unwrap();
+        let keys = node_config_keys(&map, &node, &zone, &[]);
+        assert_eq!(keys[..2], ["cluster".to_string(), "demand.az1".to_string()]);
+        assert_eq!(keys.len(), 2 + map.size_classes.len());
+        let part = map.node_partition("n7", 2);
+        assert!(keys.contains(&format!("backlog.az1.std.s02.p{part}")));
+        for key in &keys[2..] {
+            let (class, p) = parse_backlog_key(key).unwrap();
+            assert_eq!(p, map.node_partition("n7", class.size), "{key}");
+        }
     }
 
     #[test]

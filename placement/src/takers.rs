@@ -49,7 +49,7 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// flagged before it (near-fit takers, the pack tiers and the starvation guard still wait for
 /// the deadline); the flag is raised at the first sweep after it, so it pays only with a
 /// shorter `sweep_interval`, at the cost of more flag writes, each of which reaches every
-/// node (docs/sim.md). The default is the default spill deadline: flags at the deadline.
+/// node of its partition (`crate::flag_writes`, docs/sim.md). The default is the default spill deadline: flags at the deadline.
 pub const DEFAULT_FLAG_AFTER: Duration = DEFAULT_SPILL_AFTER;
 
 /// Nodes wanted acting on a partition's backlog, per waiting request.

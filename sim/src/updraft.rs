@@ -287,6 +287,8 @@ struct Sim<'a> {
     waiting: Vec<BTreeSet<(Millis, u64)>>,
     flags: Vec<BacklogFlag>,
     flag_set: BTreeSet<u32>,
+    /// Each flagged class's flag as the dispatcher last wrote it (`placement::flag_writes`).
+    written: BTreeMap<u32, BacklogFlag>,
     demand: Vec<DemandEntry>,
     arrivals_window: Vec<u64>,
     q: EventQueue<Ev>,
@@ -810,6 +812,7 @@ pub fn run(
         waiting: Vec::new(),
         flags: Vec::new(),
         flag_set: BTreeSet::new(),
+        written: BTreeMap::new(),
         demand: Vec::new(),
         arrivals_window: Vec::new(),
         q: EventQueue::default(),

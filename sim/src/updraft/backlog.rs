@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use placement::Resources;
 use placement::Timestamp;
+use placement::flag_writes::{FLAG_REFRESH, flag_writes};
 use placement::policy::{Policy, election_draw, guard_target};
 use placement::takers::{
     Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers, tier_above_floor,
@@ -106,6 +107,7 @@ impl Sim<'_> {
                 *e = e.max(Acting::of(f, guard, part));
             }
         }
+        self.count_flag_writes(&flags, now);
         let old_flags = std::mem::replace(&mut self.flags, flags);
         self.flag_set = set;
         let prev = std::mem::replace(&mut self.last_sweep, now);
@@ -186,6 +188,54 @@ impl Sim<'_> {
             smallest,
             updated_at: Timestamp(now),
             takers: Some(takers),
+        }
+    }
+
+    /// Counts the flag keys the dispatcher writes for this sweep's flags (one per partition,
+    /// `placement::flag_writes`, as `dispatcher/src/timekeeper.rs` writes them) and the
+    /// messages they cost the broker: each reaches the nodes pulling its partition.
+    fn count_flag_writes(&mut self, flags: &[BacklogFlag], now: Millis) {
+        let mut classes: BTreeSet<u32> = self.written.keys().copied().collect();
+        classes.extend(
+            flags
+                .iter()
+                .filter_map(|f| self.class_ix.get(&f.class).copied()),
+        );
+        let refresh_ms = placement::time::duration_ms(FLAG_REFRESH);
+        for ci in classes {
+            let class = &self.classes[ci as usize];
+            let new = flags.iter().find(|f| &f.class == class);
+            let prev = self.written.get(&ci);
+            let refresh = prev.is_some_and(|p| now.saturating_sub(p.updated_at.0) >= refresh_ms);
+            let parts = self
+                .cfg
+                .map
+                .size_classes
+                .get(usize::from(class.size))
+                .map_or(1, |c| c.partitions);
+            let writes = flag_writes(prev, new, parts, refresh);
+            if writes.is_empty() {
+                continue;
+            }
+            self.ensure_draws(ci);
+            let watchers = self.draws[ci as usize].as_ref();
+            let reach: usize = writes
+                .put
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(writes.delete.iter().copied())
+                .map(|p| {
+                    watchers
+                        .and_then(|d| d.get(usize::from(p)))
+                        .map_or(0, Vec::len)
+                })
+                .sum();
+            self.rec.count("flag_writes", writes.len() as u64);
+            self.rec.count("flag_deliveries", reach as u64);
+            match new {
+                Some(f) => self.written.insert(ci, f.clone()),
+                None => self.written.remove(&ci),
+            };
         }
     }
 
