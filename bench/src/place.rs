@@ -167,10 +167,10 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
             }
             let flags = d.flags.lock().expect("flags").clone();
             eprintln!(
-                "flags: {:?}",
+                "flag keys by class: {:?}",
                 flags
-                    .values()
-                    .map(|f| (f.class.to_string(), f.depth))
+                    .iter()
+                    .map(|(class, keys)| (class.to_string(), keys.len()))
                     .collect::<Vec<_>>()
             );
             for a in &c.agents {

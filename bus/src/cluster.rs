@@ -1,10 +1,11 @@
 //! Cluster-wide state in the config bucket: the cluster config (shard map, flavors, limits),
-//! backlog flags (one key per partition of a class, `placement::flag_writes`), class demand
+//! backlog flags (one key per partition and election bucket, `placement::flag_writes`), class demand
 //! and affinity group pins.
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use placement::flag_writes::FlagSlot;
 use placement::shard::ClassKey;
 use placement::subjects::{
     BACKLOG_PREFIX, CLUSTER_KEY, DEMAND_PREFIX, backlog_key, demand_key, group_key,
@@ -26,19 +27,19 @@ pub struct ClusterStore {
 pub enum ClusterEvent {
     /// The cluster config changed.
     Config(Box<ClusterConfig>),
-    /// A class backed up, as stored for one of its partitions (or that was refreshed).
+    /// A class backed up, as one of its keys holds it (`placement::flag_writes`).
     Flag {
-        /// The partition whose key holds it.
-        part: u16,
-        /// The flag, with that partition's takers only.
+        /// The partition and election bucket of the key.
+        slot: FlagSlot,
+        /// The flag as stored there.
         flag: BacklogFlag,
     },
-    /// A class's flag was cleared in one partition.
+    /// One of a class's flag keys was deleted.
     FlagCleared {
         /// The class.
         class: ClassKey,
-        /// The partition.
-        part: u16,
+        /// The partition and election bucket of the key.
+        slot: FlagSlot,
     },
     /// A zone's class demand was updated.
     Demand(ClassDemand),
@@ -88,25 +89,25 @@ impl ClusterStore {
             .await
     }
 
-    /// Stores a class's flag under partition `part`'s key (`placement::flag_writes`).
-    pub async fn put_flag(&self, part: u16, flag: &BacklogFlag) -> Result<(), BusError> {
+    /// Stores one part of a class's flag under its key (`placement::flag_writes`).
+    pub async fn put_flag(&self, slot: FlagSlot, flag: &BacklogFlag) -> Result<(), BusError> {
         self.kv
-            .put(&backlog_key(&flag.class, part), encode(flag).into())
+            .put(&backlog_key(&flag.class, slot), encode(flag).into())
             .await
             .map(|_| ())
     }
 
-    /// Clears a class's backlog flag in partition `part`.
-    pub async fn clear_flag(&self, class: &ClassKey, part: u16) -> Result<(), BusError> {
-        self.kv.delete(&backlog_key(class, part), None).await
+    /// Deletes one of a class's flag keys.
+    pub async fn clear_flag(&self, class: &ClassKey, slot: FlagSlot) -> Result<(), BusError> {
+        self.kv.delete(&backlog_key(class, slot), None).await
     }
 
-    /// Every raised flag, as stored per partition.
-    pub async fn flags(&self) -> Result<Vec<(u16, BacklogFlag)>, BusError> {
+    /// Every raised flag, as its keys hold it.
+    pub async fn flags(&self) -> Result<Vec<(FlagSlot, BacklogFlag)>, BusError> {
         let mut out = Vec::new();
         for (key, b, _) in self.kv.snapshot(&format!("{BACKLOG_PREFIX}>")).await? {
-            if let (Some((_, part)), Ok(f)) = (parse_backlog_key(&key), decode::<BacklogFlag>(&b)) {
-                out.push((part, f));
+            if let (Some((_, slot)), Ok(f)) = (parse_backlog_key(&key), decode::<BacklogFlag>(&b)) {
+                out.push((slot, f));
             }
         }
         Ok(out)
@@ -196,12 +197,12 @@ fn events(watch: kv::Watch) -> BoxStream<'static, ClusterEvent> {
                 decode::<ClassDemand>(&e.value)
                     .ok()
                     .map(ClusterEvent::Demand)
-            } else if let Some((class, part)) = parse_backlog_key(&e.key) {
+            } else if let Some((class, slot)) = parse_backlog_key(&e.key) {
                 if !put {
-                    return Some(ClusterEvent::FlagCleared { class, part });
+                    return Some(ClusterEvent::FlagCleared { class, slot });
                 }
                 match decode::<BacklogFlag>(&e.value) {
-                    Ok(flag) if flag.class == class => Some(ClusterEvent::Flag { part, flag }),
+                    Ok(flag) if flag.class == class => Some(ClusterEvent::Flag { slot, flag }),
                     _ => {
                         tracing::warn!(key = %e.key, "ignoring an undecodable backlog flag");
                         None

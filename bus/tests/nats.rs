@@ -69,6 +69,7 @@ fn advert(node: &str, epoch: u64) -> NodeAdvert {
         heartbeat_at: Timestamp(0),
         public_key: None,
         pack_tier: 0,
+        guard: Default::default(),
     }
 }
 
@@ -726,8 +727,10 @@ fn a_taken_port_fails_fast_as_a_clash_and_a_picked_port_is_free() {
 }
 
 #[tokio::test]
-async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
+async fn a_node_watch_gets_its_own_key_of_a_flag_and_nothing_else() {
     use bus::cluster::ClusterEvent;
+    use placement::flag_writes::{FLAG_BUCKETS, FlagSlot, draw_bucket};
+    use placement::policy::election_draw;
     use placement::shard::ClassKey;
     use placement::subjects::node_config_keys;
     use placement::takers::PartitionTakers;
@@ -739,19 +742,24 @@ async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
     b.cluster.init_config(&cfg).await.unwrap();
     let node = NodeId::new("n1").unwrap();
     let zone = Zone::new("az1").unwrap();
-    let mine = map.node_partition(node.as_str(), 2);
-    let keys = node_config_keys(&map, &node, &zone, &[]);
+    let class = |zone: &str| ClassKey {
+        zone: Zone::new(zone).unwrap(),
+        tclass: placement::shard::ShardMap::std_class(),
+        size: 2,
+    };
+    // the node is in use: its key is its partition's, for nodes in use, in its draw's bucket
+    let mine = FlagSlot {
+        part: map.node_partition(node.as_str(), 2),
+        empty: false,
+        bucket: draw_bucket(election_draw(&node, &class("az1"))),
+    };
+    let keys = node_config_keys(&map, &node, &zone, &[], false);
     let mut node_watch = b.cluster.watch_keys(&keys).await.unwrap();
     let mut all = b.cluster.watch().await.unwrap();
     next_matching(&mut node_watch, 10, |e| {
         matches!(e, ClusterEvent::Config(_))
     })
     .await;
-    let class = |zone: &str| ClassKey {
-        zone: Zone::new(zone).unwrap(),
-        tclass: placement::shard::ShardMap::std_class(),
-        size: 2,
-    };
     let flag = |zone: &str, part: u16| placement::wire::BacklogFlag {
         v: WIRE_VERSION,
         class: class(zone),
@@ -767,12 +775,29 @@ async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
             empty_floor: 0,
         }]),
     };
-    // every other partition, another zone's flag and demand, and a group pin: none reach the
-    // node; its own partition, written last, is the first thing its watch sees
-    for part in (0..4).filter(|p| *p != mine) {
-        b.cluster.put_flag(part, &flag("az1", part)).await.unwrap();
+    // every other key of the class (other partitions, other buckets, the empty nodes' key
+    // of its own bucket), another zone's flag and demand, and a group pin: none reach the
+    // node; its own key, written last, is the first thing its watch sees
+    let mut others = 0;
+    for part in 0..4 {
+        for empty in [false, true] {
+            for bucket in 0..FLAG_BUCKETS {
+                let slot = FlagSlot {
+                    part,
+                    empty,
+                    bucket,
+                };
+                if slot != mine {
+                    b.cluster.put_flag(slot, &flag("az1", part)).await.unwrap();
+                    others += 1;
+                }
+            }
+        }
     }
-    b.cluster.put_flag(mine, &flag("az2", mine)).await.unwrap();
+    b.cluster
+        .put_flag(mine, &flag("az2", mine.part))
+        .await
+        .unwrap();
     b.cluster
         .put_demand(&placement::wire::ClassDemand {
             v: WIRE_VERSION,
@@ -793,14 +818,17 @@ async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
         )
         .await
         .unwrap();
-    b.cluster.put_flag(mine, &flag("az1", mine)).await.unwrap();
+    b.cluster
+        .put_flag(mine, &flag("az1", mine.part))
+        .await
+        .unwrap();
     b.cluster.clear_flag(&class("az1"), mine).await.unwrap();
     let first = next_matching(&mut node_watch, 10, |_| true).await;
     assert_eq!(
         first,
         ClusterEvent::Flag {
-            part: mine,
-            flag: flag("az1", mine)
+            slot: mine,
+            flag: flag("az1", mine.part)
         }
     );
     let second = next_matching(&mut node_watch, 10, |_| true).await;
@@ -808,17 +836,17 @@ async fn a_node_watch_gets_its_own_partition_of_a_flag_and_nothing_else() {
         second,
         ClusterEvent::FlagCleared {
             class: class("az1"),
-            part: mine
+            slot: mine
         }
     );
-    // the dispatchers' watch sees every partition
-    let mut parts = std::collections::BTreeSet::new();
-    while parts.len() < 4 {
-        if let ClusterEvent::Flag { part, flag } =
+    // the dispatchers' watch sees every key
+    let mut seen = 0;
+    while seen < others {
+        if let ClusterEvent::Flag { flag, .. } =
             next_matching(&mut all, 10, |e| matches!(e, ClusterEvent::Flag { .. })).await
             && flag.class.zone.as_str() == "az1"
         {
-            parts.insert(part);
+            seen += 1;
         }
     }
     // and nothing else reached the node
@@ -881,16 +909,21 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
         request: RequestId::new(id).unwrap(),
         issued_at: Timestamp(1),
     };
-    b.cluster.put_flag(0, &flag(2)).await.unwrap();
+    let slot = placement::flag_writes::FlagSlot {
+        part: 0,
+        empty: false,
+        bucket: 3,
+    };
+    b.cluster.put_flag(slot, &flag(2)).await.unwrap();
     let raised = next_matching(&mut config, 10, |e| matches!(e, ClusterEvent::Flag { .. })).await;
     assert_eq!(
         raised,
         ClusterEvent::Flag {
-            part: 0,
+            slot,
             flag: flag(2)
         }
     );
-    b.cluster.clear_flag(&flag(2).class, 0).await.unwrap();
+    b.cluster.clear_flag(&flag(2).class, slot).await.unwrap();
     let cleared = next_matching(&mut config, 10, |e| {
         matches!(e, ClusterEvent::FlagCleared { .. })
     })
@@ -899,7 +932,7 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
         cleared,
         ClusterEvent::FlagCleared {
             class: flag(2).class,
-            part: 0
+            slot
         }
     );
     b.commands.send(&node, &delete("before")).await.unwrap();
@@ -912,7 +945,7 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
     // watches must recreate them and carry on from where they were
     server.restart().unwrap();
     let mut tries = 0;
-    while b.cluster.put_flag(0, &flag(3)).await.is_err() {
+    while b.cluster.put_flag(slot, &flag(3)).await.is_err() {
         tries += 1;
         assert!(tries < 100, "the server did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -921,7 +954,7 @@ async fn watches_follow_config_flags_and_commands_across_a_server_restart() {
     assert_eq!(
         raised,
         ClusterEvent::Flag {
-            part: 0,
+            slot,
             flag: flag(3)
         }
     );

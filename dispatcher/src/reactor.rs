@@ -11,7 +11,6 @@ use bus::cluster::ClusterEvent;
 use bus::nodes::NodeEvent;
 use bus::records::RecordEvent;
 use futures::StreamExt;
-use placement::flag_writes::{merge_partition, remove_partition};
 use placement::lifecycle::{RequestRecord, State, TransitionError};
 use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId};
 use tokio::sync::mpsc;
@@ -385,19 +384,16 @@ impl Dispatcher {
                             *self.cluster.write().expect("cluster lock") = *c;
                         }
                     }
-                    ClusterEvent::Flag { part, flag } => {
+                    ClusterEvent::Flag { slot, flag } => {
                         let mut flags = self.flags.lock().expect("flags lock");
-                        let class = flag.class.clone();
-                        let whole = merge_partition(flags.remove(&class), part, flag);
-                        flags.insert(class, whole);
+                        flags
+                            .entry(flag.class.clone())
+                            .or_default()
+                            .insert(slot, flag);
                     }
-                    ClusterEvent::FlagCleared { class, part } => {
+                    ClusterEvent::FlagCleared { class, slot } => {
                         let mut flags = self.flags.lock().expect("flags lock");
-                        if let Some(rest) =
-                            flags.remove(&class).and_then(|f| remove_partition(f, part))
-                        {
-                            flags.insert(class, rest);
-                        }
+                        crate::timekeeper::forget_flag_key(&mut flags, &class, slot);
                     }
                     ClusterEvent::Demand(_) => {}
                 }

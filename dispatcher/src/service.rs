@@ -50,8 +50,9 @@ pub struct Dispatcher {
     /// Demand last written per zone (when, what).
     pub demand_sent:
         Mutex<BTreeMap<placement::Zone, (Timestamp, Vec<placement::wire::DemandEntry>)>>,
-    /// Backlog flags as stored in KV, by class.
-    pub flags: Mutex<BTreeMap<placement::shard::ClassKey, placement::wire::BacklogFlag>>,
+    /// Backlog flags as their keys in KV hold them, by class (this dispatcher's writes and
+    /// every dispatcher's, through the watch; `placement::flag_writes`).
+    pub flags: Mutex<BTreeMap<placement::shard::ClassKey, placement::flag_writes::StoredFlag>>,
     /// Prometheus rendering, when this process installed the recorder.
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Stops every task.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bus::Versioned;
 use futures::StreamExt;
 use placement::explain::explain;
-use placement::flag_writes::{FLAG_REFRESH, FlagWrites, flag_writes};
+use placement::flag_writes::{FlagWrites, flag_writes, guard_reach, whole_flag};
 use placement::lifecycle::{Claim, RequestRecord, State, TransitionError};
 use placement::shard::ClassKey;
 use placement::takers::{draws_in, eligible_draws, flag_since, settle_takers};
@@ -38,6 +38,20 @@ fn similar(a: &[DemandEntry], b: &[DemandEntry]) -> bool {
 
 /// A delete command is re-sent when the record has been `deleting` this long.
 const COMMAND_RESEND: Duration = Duration::from_secs(30);
+
+/// Forgets one of `class`'s flag keys (deleted), and the class once it has none left.
+pub(crate) fn forget_flag_key(
+    flags: &mut std::collections::BTreeMap<ClassKey, placement::flag_writes::StoredFlag>,
+    class: &ClassKey,
+    slot: placement::flag_writes::FlagSlot,
+) {
+    if let Some(stored) = flags.get_mut(class) {
+        stored.remove(&slot);
+        if stored.is_empty() {
+            flags.remove(class);
+        }
+    }
+}
 
 impl Dispatcher {
     /// Consumes timer fires from the shared consumer (each fire goes to one dispatcher).
@@ -178,9 +192,9 @@ impl Dispatcher {
     /// first `since` (`placement::takers::flag_since`), so the pack tiers and the starvation
     /// guard count from one instant. The flag's takers (per partition with requests waiting)
     /// are settled against the nodes' advertisements each sweep (`placement::takers`). A flag
-    /// is stored per partition (`placement::flag_writes`): a partition's key is written when
-    /// the flag is first raised there, when its takers there or the flag's `since` move, and
-    /// every `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
+    /// is stored per partition and election bucket, in the buckets with a node that may act on
+    /// it (`placement::flag_writes`): a key is written when the flag is first raised there,
+    /// when what it holds of the takers or the flag's `since` move, and every `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
     /// sweep); without it (a spill) only a new flag is raised.
     async fn raise_flag(
         &self,
@@ -189,11 +203,12 @@ impl Dispatcher {
         since: Timestamp,
         now: Timestamp,
     ) {
-        let prev = self.flags.lock().expect("flags lock").get(&class).cloned();
+        let stored = self.flags.lock().expect("flags lock").get(&class).cloned();
+        let prev = stored.as_ref().and_then(whole_flag);
         if prev.is_some() && queue.is_none() {
             return; // raised already; the sweep keeps it current
         }
-        let flag = {
+        let (flag, reach) = {
             let view = self.view();
             let measured = match queue {
                 Some(q) => Some(q.clone()),
@@ -229,15 +244,16 @@ impl Dispatcher {
                     prev.as_ref(),
                 ));
             }
-            flag
+            (flag, guard_reach(view.adverts().values(), &class))
         };
-        let refresh = prev
-            .as_ref()
-            .is_some_and(|f| now.since(f.updated_at) >= FLAG_REFRESH);
-        let writes = flag_writes(prev.as_ref(), Some(&flag), self.partitions(&class), refresh);
-        if !writes.is_empty() && self.write_flag(&class, &writes).await {
-            self.flags.lock().expect("flags lock").insert(class, flag);
-        }
+        let writes = flag_writes(
+            stored.as_ref(),
+            Some(&flag),
+            self.partitions(&class),
+            reach,
+            now,
+        );
+        self.write_flag(&class, &writes).await;
     }
 
     /// The partitions of `class` in the shard map in force.
@@ -251,17 +267,23 @@ impl Dispatcher {
             .map_or(1, |c| c.partitions)
     }
 
-    /// Writes and deletes a flag's partition keys; true when every one succeeded.
-    async fn write_flag(&self, class: &ClassKey, writes: &FlagWrites) -> bool {
-        let mut ok = true;
-        for (part, stored) in &writes.put {
-            ok &= self.bus.cluster.put_flag(*part, stored).await.is_ok();
+    /// Writes and deletes a flag's keys, and notes each one done in `flags`.
+    async fn write_flag(&self, class: &ClassKey, writes: &FlagWrites) {
+        for (slot, stored) in &writes.put {
+            if self.bus.cluster.put_flag(*slot, stored).await.is_ok() {
+                let mut flags = self.flags.lock().expect("flags lock");
+                flags
+                    .entry(class.clone())
+                    .or_default()
+                    .insert(*slot, stored.clone());
+            }
         }
-        for part in &writes.delete {
-            ok &= self.bus.cluster.clear_flag(class, *part).await.is_ok();
+        for slot in &writes.delete {
+            if self.bus.cluster.clear_flag(class, *slot).await.is_ok() {
+                forget_flag_key(&mut self.flags.lock().expect("flags lock"), class, *slot);
+            }
         }
         metrics::counter!(m::FLAG_WRITES).increment(writes.len() as u64);
-        ok
     }
 
     /// Sweeps every `sweep_interval`.
@@ -440,11 +462,9 @@ impl Dispatcher {
             .cloned()
             .collect();
         for class in stale {
-            let prev = self.flags.lock().expect("flags lock").get(&class).cloned();
-            let writes = flag_writes(prev.as_ref(), None, self.partitions(&class), false);
-            if self.write_flag(&class, &writes).await {
-                self.flags.lock().expect("flags lock").remove(&class);
-            }
+            let stored = self.flags.lock().expect("flags lock").get(&class).cloned();
+            let writes = flag_writes(stored.as_ref(), None, 0, 0.0, now);
+            self.write_flag(&class, &writes).await;
         }
     }
 

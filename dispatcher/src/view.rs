@@ -496,6 +496,7 @@ pub(crate) mod tests_support {
             heartbeat_at: Timestamp(0),
             public_key: key,
             pack_tier: 0,
+            guard: Default::default(),
         }
     }
 }
@@ -661,6 +662,7 @@ mod tests {
             heartbeat_at: Timestamp(0),
             public_key: None,
             pack_tier: 0,
+            guard: Default::default(),
         };
         view.upsert_advert(advert("a", 512));
         assert!(!view.admissible(&spec, t), "too small");

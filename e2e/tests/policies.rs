@@ -334,6 +334,45 @@ async fn only_the_takers_a_backlog_flag_elects_act_on_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_in_use_gets_the_flags_meant_for_nodes_in_use() {
+    // a node watches the flag keys of its kind (in use or empty, placement::flag_writes) and
+    // watches again when it fills: a request only near-fit takers can take, backed up once
+    // the lone node is in use, reaches it through the key of nodes in use
+    let mut h = Harness::start(HarnessOptions::default()).await.unwrap();
+    let map = h.dispatchers[0].dispatcher.cluster().shard_map;
+    let want = Resources::new(4, 24 * 1024, 20);
+    let size = map.size_class_of(&want).unwrap();
+    let bound = map.upper_bound(&placement::ShardMap::std_class(), size);
+    let first = Resources::new(1, 1024, 10);
+    let node = Resources::new(
+        17,
+        (bound.memory_mib - 1024).max(want.memory_mib) + 1024,
+        1000,
+    );
+    h.add_agent("solo", node.clone()).await.unwrap();
+    h.wait_nodes(1, Duration::from_secs(20)).await.unwrap();
+    let create = |id: &str, r: &Resources| json!({ "id": id, "resources": { "vcpus": r.vcpus, "memory_mib": r.memory_mib } });
+    let (st, body) = h.create(0, &create("first", &first)).await.unwrap();
+    assert_eq!(st, 201, "{body}");
+    h.wait_for(&["first".to_string()], Duration::from_secs(30), is_active)
+        .await
+        .unwrap();
+    // what is left holds the request but not its class's bound
+    let left = node.checked_sub(&first).unwrap();
+    assert!(want.fits(&left) && !bound.fits(&left), "{left:?}");
+    let (st, body) = h.create(0, &create("near", &want)).await.unwrap();
+    assert_eq!(st, 201, "{body}");
+    let recs = h
+        .wait_for(&["near".to_string()], Duration::from_secs(30), is_active)
+        .await
+        .unwrap();
+    assert_eq!(recs[0].node().unwrap().as_str(), "solo");
+    let report = h.check().await.unwrap();
+    assert!(report.clean(), "{report:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_first() {
     use placement::NodeId;
     use placement::pull::PullConfig;

@@ -121,6 +121,9 @@ pub struct Agent {
     pub inner: Mutex<Inner>,
     /// Wakes the pull planner.
     pub replan: Notify,
+    /// Whether the node is empty, as its last plan saw it: the backlog flag keys it watches
+    /// depend on it (`placement::flag_writes`), so the config watch follows its changes.
+    pub empty: tokio::sync::watch::Sender<bool>,
     /// Stops every task.
     pub cancel: CancellationToken,
     /// Tracks every task.
@@ -177,6 +180,7 @@ impl Agent {
             heartbeat_at: now,
             public_key: Some(self.identity.public_key()),
             pack_tier: self.cfg.pull.pack_tier(&self.identity.node),
+            guard: placement::wire::GuardReach::of(&self.cfg.pull.guard),
         }
     }
 
@@ -237,6 +241,9 @@ impl Agent {
                 now: common::clock::now(),
             };
             let mut plan = plan_pulls(&input, &mut inner.rng);
+            let empty = inner.ledger.unallocated() == *inner.ledger.capacity();
+            self.empty
+                .send_if_modified(|was| std::mem::replace(was, empty) != empty);
             inner.aside.apply(&mut plan.pulls, input.now);
             let hold = plan.hold.as_ref().map(|h| h.class.to_string());
             if hold != inner.holding {

@@ -240,6 +240,7 @@ pub async fn start(
         conn,
         inner: Mutex::new(inner),
         replan: Notify::new(),
+        empty: tokio::sync::watch::Sender::new(true),
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
         started_at: common::clock::now(),

@@ -1,12 +1,15 @@
-//! Follows the cluster config (shard map, limits), the zone's class demand and the backlog
-//! flags of the partitions this node pulls, in KV.
+//! Follows the cluster config (shard map, limits), the zone's class demand and this node's
+//! keys of the backlog flags, in KV.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bus::BusError;
 use bus::cluster::ClusterEvent;
+use futures::StreamExt;
 use futures::stream::BoxStream;
+use placement::flag_writes::{FlagSlot, draw_bucket};
+use placement::policy::election_draw;
 use placement::subjects::{backlog_key, node_config_keys};
 
 use crate::agent::Agent;
@@ -23,10 +26,11 @@ impl Agent {
         .await;
     }
 
-    /// Watches the cluster config, this zone's demand and one partition's flag of every class
-    /// this node may pull (`placement::subjects::node_config_keys`): a flag's other
-    /// partitions never reach it.
+    /// Watches the cluster config, this zone's demand and, of every class this node may pull,
+    /// the one flag key its partition and election draw select
+    /// (`placement::subjects::node_config_keys`): a flag's other keys never reach it.
     async fn watch_cluster(&self) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
+        let mut empty = self.empty.subscribe();
         let keys = {
             let inner = self.lock();
             node_config_keys(
@@ -34,13 +38,18 @@ impl Agent {
                 &self.profile.id,
                 &self.profile.zone,
                 &self.profile.traits,
+                *empty.borrow_and_update(),
             )
         };
         let stream = self.bus.cluster.watch_keys(&keys).await?;
         // the watch replays the current value of every key it covers; flags kept from before
-        // (another map's partitions, or keys deleted while there was no watch) are stale
+        // (another map's or kind's keys, or keys deleted while there was no watch) are stale
         self.lock().flags.clear();
-        Ok(stream)
+        // the node filled or emptied: its keys are others, the watch ends and is opened again
+        let changed = async move {
+            let _ = empty.changed().await;
+        };
+        Ok(stream.take_until(changed).boxed())
     }
 
     /// Applies one event; breaks (the watch is opened again) when the shard map changed, as
@@ -66,20 +75,25 @@ impl Agent {
                 inner.map = c.shard_map;
                 inner.max_attempts = c.max_attempts;
             }
-            ClusterEvent::Flag { part, flag } => {
-                // only the partition this node pulls (its watch asks for no other)
+            ClusterEvent::Flag { slot, flag } => {
+                // only the key of this node's partition, kind and election bucket (its watch
+                // asks for no other)
                 let size = usize::from(flag.class.size);
-                if size < inner.map.size_classes.len()
-                    && inner
-                        .map
-                        .node_partition(self.profile.id.as_str(), flag.class.size)
-                        == part
-                {
-                    inner.flags.insert(backlog_key(&flag.class, part), flag);
+                if size < inner.map.size_classes.len() {
+                    let mine = FlagSlot {
+                        part: inner
+                            .map
+                            .node_partition(self.profile.id.as_str(), flag.class.size),
+                        empty: *self.empty.borrow(),
+                        bucket: draw_bucket(election_draw(&self.profile.id, &flag.class)),
+                    };
+                    if slot == mine {
+                        inner.flags.insert(backlog_key(&flag.class, slot), flag);
+                    }
                 }
             }
-            ClusterEvent::FlagCleared { class, part } => {
-                inner.flags.remove(&backlog_key(&class, part));
+            ClusterEvent::FlagCleared { class, slot } => {
+                inner.flags.remove(&backlog_key(&class, slot));
             }
             ClusterEvent::Demand(d) => {
                 if d.zone == self.profile.zone {

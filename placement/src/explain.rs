@@ -203,6 +203,7 @@ pub(crate) mod tests {
             heartbeat_at: Timestamp(0),
             public_key: None,
             pack_tier: 0,
+            guard: Default::default(),
         }
     }
 

@@ -3,7 +3,9 @@
 //! Subjects are lowercase with a version token; streams and buckets are `UPPER_SNAKE`;
 //! consumers are kebab-case. docs/subjects.md lists each with its producer and consumer.
 
+use crate::flag_writes::{FlagSlot, draw_bucket};
 use crate::ids::{NodeId, RequestId, TraitClassName, TraitName, Zone};
+use crate::policy::election_draw;
 use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
 use crate::wire::TimerKind;
 
@@ -113,26 +115,29 @@ pub fn hint_repair_msg_id(id: &RequestId, attempt: u32, lane: Lane, repair: u64)
     format!("{}:r{repair}", hint_msg_id(id, attempt, lane))
 }
 
-/// Key of a backlog flag in [`CONFIG_BUCKET`]: one per partition of the class, so a flag
-/// reaches only the nodes that pull that partition (`crate::flag_writes`).
-pub fn backlog_key(class: &ClassKey, part: u16) -> String {
+/// Key of one part of a backlog flag in [`CONFIG_BUCKET`]: one per partition of the class,
+/// kind of node (`u`: in use, `e`: empty) and bucket of the election draw, so a write reaches
+/// only the nodes of that partition and kind whose draw falls in that bucket
+/// (`crate::flag_writes`).
+pub fn backlog_key(class: &ClassKey, slot: FlagSlot) -> String {
     format!(
-        "backlog.{}.{}.s{:02}.p{part}",
-        class.zone, class.tclass, class.size
+        "backlog.{}.{}.s{:02}.p{}.{}{}",
+        class.zone,
+        class.tclass,
+        class.size,
+        slot.part,
+        if slot.empty { 'e' } else { 'u' },
+        slot.bucket
     )
 }
 
-/// The class and partition of a backlog key ([`backlog_key`]); `None` for any other key.
-pub fn parse_backlog_key(key: &str) -> Option<(ClassKey, u16)> {
+/// The class and slot of a backlog key ([`backlog_key`]); `None` for any other key.
+pub fn parse_backlog_key(key: &str) -> Option<(ClassKey, FlagSlot)> {
     let rest = key.strip_prefix(BACKLOG_PREFIX)?;
     let mut tokens = rest.split('.');
-    let (zone, tclass, size, part) = (
-        tokens.next()?,
-        tokens.next()?,
-        tokens.next()?,
-        tokens.next()?,
-    );
-    if tokens.next().is_some() {
+    let mut next = || tokens.next();
+    let (zone, tclass, size, part, kind) = (next()?, next()?, next()?, next()?, next()?);
+    if next().is_some() {
         return None;
     }
     let class = ClassKey {
@@ -140,17 +145,29 @@ pub fn parse_backlog_key(key: &str) -> Option<(ClassKey, u16)> {
         tclass: TraitClassName::new(tclass).ok()?,
         size: size.strip_prefix('s')?.parse().ok()?,
     };
-    Some((class, part.strip_prefix('p')?.parse().ok()?))
+    let (empty, bucket) = match kind.split_at_checked(1)? {
+        ("u", b) => (false, b),
+        ("e", b) => (true, b),
+        _ => return None,
+    };
+    let slot = FlagSlot {
+        part: part.strip_prefix('p')?.parse().ok()?,
+        empty,
+        bucket: bucket.parse().ok()?,
+    };
+    Some((class, slot))
 }
 
 /// The keys of [`CONFIG_BUCKET`] a node watches: the cluster config, its zone's class demand,
-/// and the flag of the one partition it pulls of every class it may pull (home or overflow).
-/// A flag's other partitions, other zones' demand and the affinity pins never reach it.
+/// and for every class it may pull (home or overflow) the one flag key its partition, its
+/// kind (`empty`, or in use) and its election draw select. Other flag keys, other zones'
+/// demand and the affinity pins never reach it.
 pub fn node_config_keys(
     map: &ShardMap,
     node: &NodeId,
     zone: &Zone,
     traits: &[TraitName],
+    empty: bool,
 ) -> Vec<String> {
     let mut keys = vec![CLUSTER_KEY.to_string(), demand_key(zone)];
     let (home, overflow) = map.pullable_classes(traits);
@@ -162,7 +179,12 @@ pub fn node_config_keys(
                 tclass: tclass.clone(),
                 size,
             };
-            keys.push(backlog_key(&class, map.node_partition(node.as_str(), size)));
+            let slot = FlagSlot {
+                part: map.node_partition(node.as_str(), size),
+                empty,
+                bucket: draw_bucket(election_draw(node, &class)),
+            };
+            keys.push(backlog_key(&class, slot));
         }
     }
     keys
@@ -266,21 +288,59 @@ mod tests {
             timer_fire_subject(&id, TimerKind::Deadline),
             "updraft.v1.timer.fire.abc.deadline"
         );
-        assert_eq!(backlog_key(&s.class(), 2), "backlog.us-east-1a.std.s03.p2");
+        let slot = |empty, bucket| FlagSlot {
+            part: 2,
+            empty,
+            bucket,
+        };
+        assert_eq!(
+            backlog_key(&s.class(), slot(false, 31)),
+            "backlog.us-east-1a.std.s03.p2.u31"
+        );
+        assert_eq!(
+            backlog_key(&s.class(), slot(true, 0)),
+            "backlog.us-east-1a.std.s03.p2.e0"
+        );
     }
 
     #[test]
     fn backlog_keys_parse_back() {
         let class = shard().class();
         assert_eq!(
-            parse_backlog_key(&backlog_key(&class, 17)),
-            Some((class.clone(), 17))
+            parse_backlog_key(&backlog_key(
+                &class,
+                FlagSlot {
+                    part: 17,
+                    empty: true,
+                    bucket: 4
+                }
+            )),
+            Some((
+                class.clone(),
+                FlagSlot {
+                    part: 17,
+                    empty: true,
+                    bucket: 4
+                }
+            ))
+        );
+        assert_eq!(
+            parse_backlog_key("backlog.us-east-1a.std.s03.p1.u12").map(|(_, s)| s),
+            Some(FlagSlot {
+                part: 1,
+                empty: false,
+                bucket: 12
+            })
         );
         for other in [
             "backlog.us-east-1a.std.s03",
-            "backlog.us-east-1a.std.s03.p1.x",
-            "backlog.us-east-1a.std.3.p1",
-            "backlog.us-east-1a.std.s03.1",
+            "backlog.us-east-1a.std.s03.p1",
+            "backlog.us-east-1a.std.s03.p1.u2.x",
+            "backlog.us-east-1a.std.3.p1.u2",
+            "backlog.us-east-1a.std.s03.1.u2",
+            "backlog.us-east-1a.std.s03.p1.2",
+            "backlog.us-east-1a.std.s03.p1.b2",
+            "backlog.us-east-1a.std.s03.p1.u",
             "demand.us-east-1a",
             "cluster",
         ] {
@@ -289,19 +349,25 @@ mod tests {
     }
 
     #[test]
-    fn a_node_watches_one_partition_of_each_class_it_pulls() {
+    fn a_node_watches_one_key_of_each_class_it_pulls() {
         let mut map = crate::shard::default_shard_map(Zone::new("az1").unwrap());
         map.size_classes[2].partitions = 4;
         let node = NodeId::new("n7").unwrap();
         let zone = Zone::new("az1").unwrap();
-        let keys = node_config_keys(&map, &node, &zone, &[]);
-        assert_eq!(keys[..2], ["cluster".to_string(), "demand.az1".to_string()]);
-        assert_eq!(keys.len(), 2 + map.size_classes.len());
-        let part = map.node_partition("n7", 2);
-        assert!(keys.contains(&format!("backlog.az1.std.s02.p{part}")));
-        for key in &keys[2..] {
-            let (class, p) = parse_backlog_key(key).unwrap();
-            assert_eq!(p, map.node_partition("n7", class.size), "{key}");
+        for empty in [false, true] {
+            let keys = node_config_keys(&map, &node, &zone, &[], empty);
+            assert_eq!(keys[..2], ["cluster".to_string(), "demand.az1".to_string()]);
+            assert_eq!(keys.len(), 2 + map.size_classes.len());
+            for key in &keys[2..] {
+                let (class, slot) = parse_backlog_key(key).unwrap();
+                assert_eq!(slot.part, map.node_partition("n7", class.size), "{key}");
+                assert_eq!(slot.empty, empty, "{key}");
+                assert_eq!(
+                    slot.bucket,
+                    draw_bucket(election_draw(&node, &class)),
+                    "{key}"
+                );
+            }
         }
     }
 

@@ -213,6 +213,46 @@ pub struct NodeAdvert {
     /// (`crate::takers`).
     #[serde(default)]
     pub pack_tier: u8,
+    /// Its starvation guard (`crate::policy::GuardConfig`): the share of nodes that hold back
+    /// and the smallest class guarded. The dispatcher stores a backlog flag up to the draws
+    /// a guard may elect (`crate::flag_writes`); an older agent is taken to run the defaults.
+    #[serde(default)]
+    pub guard: GuardReach,
+}
+
+/// What of a node's starvation guard the dispatcher needs: how far up the election draws it
+/// holds back, and from which class on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GuardReach {
+    /// Share of eligible nodes that hold back (`GuardConfig::share`).
+    pub share: f64,
+    /// Smallest class index guarded (`GuardConfig::min_class`).
+    pub min_class: u8,
+}
+
+impl Default for GuardReach {
+    fn default() -> Self {
+        GuardReach::of(&crate::policy::GuardConfig::default())
+    }
+}
+
+impl GuardReach {
+    /// The reach of `guard`.
+    pub fn of(guard: &crate::policy::GuardConfig) -> Self {
+        GuardReach {
+            share: guard.share,
+            min_class: guard.min_class,
+        }
+    }
+
+    /// The highest election draw it may hold back at for class index `size` (0: none).
+    pub fn for_class(&self, size: u8) -> f64 {
+        if size >= self.min_class {
+            self.share
+        } else {
+            0.0
+        }
+    }
 }
 
 impl NodeAdvert {

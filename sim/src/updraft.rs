@@ -287,8 +287,9 @@ struct Sim<'a> {
     waiting: Vec<BTreeSet<(Millis, u64)>>,
     flags: Vec<BacklogFlag>,
     flag_set: BTreeSet<u32>,
-    /// Each flagged class's flag as the dispatcher last wrote it (`placement::flag_writes`).
-    written: BTreeMap<u32, BacklogFlag>,
+    /// What each flagged class's keys hold, as the dispatcher wrote them
+    /// (`placement::flag_writes`).
+    written: BTreeMap<u32, placement::flag_writes::StoredFlag>,
     demand: Vec<DemandEntry>,
     arrivals_window: Vec<u64>,
     q: EventQueue<Ev>,
@@ -438,6 +439,7 @@ impl Sim<'_> {
         let st = &mut self.standing[n as usize];
         let free = node.alive.then(|| node.ledger.unallocated());
         let cap = node.ledger.capacity();
+        let was_empty = st.free.is_some().then_some(st.is_empty);
         if st.free != free {
             if let Some(old) = &st.free {
                 self.tally.remove(cap, old);
@@ -447,7 +449,13 @@ impl Sim<'_> {
             }
             st.free.clone_from(&free);
         }
-        st.is_empty = free.as_ref() == Some(cap);
+        let is_empty = free.as_ref() == Some(cap);
+        if free.is_some() && was_empty.is_some_and(|was| was != is_empty) {
+            // the node's backlog flag keys change with it: its agent watches them anew
+            // (placement::flag_writes)
+            self.rec.count("flag_rewatches", 1);
+        }
+        st.is_empty = is_empty;
     }
 
     fn publish(&mut self, req: u64, lane: u32, now: Millis) {

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use placement::Resources;
 use placement::Timestamp;
-use placement::flag_writes::{FLAG_REFRESH, flag_writes};
+use placement::flag_writes::{draw_bucket, flag_writes};
 use placement::policy::{Policy, election_draw, guard_target};
 use placement::takers::{
     Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers, tier_above_floor,
 };
-use placement::wire::{BacklogFlag, DemandEntry, WIRE_VERSION};
+use placement::wire::{BacklogFlag, DemandEntry, GuardReach, WIRE_VERSION};
 
 use super::Sim;
 use crate::Millis;
@@ -191,9 +191,11 @@ impl Sim<'_> {
         }
     }
 
-    /// Counts the flag keys the dispatcher writes for this sweep's flags (one per partition,
-    /// `placement::flag_writes`, as `dispatcher/src/timekeeper.rs` writes them) and the
-    /// messages they cost the broker: each reaches the nodes pulling its partition.
+    /// Counts the flag keys the dispatcher writes for this sweep's flags (one per partition
+    /// and election bucket a node that may act draws in, `placement::flag_writes`, as
+    /// `dispatcher/src/timekeeper.rs` writes them) and the messages they cost the broker: each
+    /// reaches the live nodes of its kind (in use or empty) pulling its partition whose draw
+    /// falls in its bucket.
     fn count_flag_writes(&mut self, flags: &[BacklogFlag], now: Millis) {
         let mut classes: BTreeSet<u32> = self.written.keys().copied().collect();
         classes.extend(
@@ -201,41 +203,56 @@ impl Sim<'_> {
                 .iter()
                 .filter_map(|f| self.class_ix.get(&f.class).copied()),
         );
-        let refresh_ms = placement::time::duration_ms(FLAG_REFRESH);
+        let reach = GuardReach::of(&self.cfg.pull.guard);
         for ci in classes {
             let class = &self.classes[ci as usize];
             let new = flags.iter().find(|f| &f.class == class);
-            let prev = self.written.get(&ci);
-            let refresh = prev.is_some_and(|p| now.saturating_sub(p.updated_at.0) >= refresh_ms);
             let parts = self
                 .cfg
                 .map
                 .size_classes
                 .get(usize::from(class.size))
                 .map_or(1, |c| c.partitions);
-            let writes = flag_writes(prev, new, parts, refresh);
+            let writes = flag_writes(
+                self.written.get(&ci),
+                new,
+                parts,
+                reach.for_class(class.size),
+                Timestamp(now),
+            );
             if writes.is_empty() {
                 continue;
             }
             self.ensure_draws(ci);
-            let watchers = self.draws[ci as usize].as_ref();
-            let reach: usize = writes
+            let watchers = self.draws[ci as usize].as_deref().unwrap_or_default();
+            let delivered: usize = writes
                 .put
                 .iter()
-                .map(|(p, _)| *p)
+                .map(|(slot, _)| *slot)
                 .chain(writes.delete.iter().copied())
-                .map(|p| {
-                    watchers
-                        .and_then(|d| d.get(usize::from(p)))
-                        .map_or(0, Vec::len)
+                .map(|slot| {
+                    // a partition's nodes in ascending order of draw: those of the bucket, of
+                    // the slot's kind
+                    watchers.get(usize::from(slot.part)).map_or(0, |nodes| {
+                        let from = nodes.partition_point(|(d, _)| draw_bucket(*d) < slot.bucket);
+                        let to = nodes.partition_point(|(d, _)| draw_bucket(*d) <= slot.bucket);
+                        nodes[from..to]
+                            .iter()
+                            .filter(|(_, n)| {
+                                let st = &self.standing[*n as usize];
+                                st.free.is_some() && st.is_empty == slot.empty
+                            })
+                            .count()
+                    })
                 })
                 .sum();
             self.rec.count("flag_writes", writes.len() as u64);
-            self.rec.count("flag_deliveries", reach as u64);
-            match new {
-                Some(f) => self.written.insert(ci, f.clone()),
-                None => self.written.remove(&ci),
-            };
+            self.rec.count("flag_deliveries", delivered as u64);
+            let stored = self.written.entry(ci).or_default();
+            writes.apply(stored);
+            if stored.is_empty() {
+                self.written.remove(&ci);
+            }
         }
     }
 
