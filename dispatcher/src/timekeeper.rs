@@ -262,9 +262,7 @@ impl Dispatcher {
             .read()
             .expect("cluster lock")
             .shard_map
-            .size_classes
-            .get(usize::from(class.size))
-            .map_or(1, |c| c.partitions)
+            .partitions(class.size)
     }
 
     /// Writes and deletes a flag's keys, and notes each one done in `flags`.

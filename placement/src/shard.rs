@@ -427,6 +427,13 @@ impl ShardMap {
                 .any(|tc| &tc.name == tclass && tc.traits.iter().all(|t| traits.contains(t)))
     }
 
+    /// The partitions of size class `size` (1 for a size the map does not have).
+    pub fn partitions(&self, size: u8) -> u16 {
+        self.size_classes
+            .get(usize::from(size))
+            .map_or(1, |c| c.partitions)
+    }
+
     /// The partition of `class` a given node pulls (stable per node, spread across nodes).
     pub fn node_partition(&self, node: &str, size: u8) -> u16 {
         let parts = self.size_classes[usize::from(size)].partitions;

@@ -207,12 +207,7 @@ impl Sim<'_> {
         for ci in classes {
             let class = &self.classes[ci as usize];
             let new = flags.iter().find(|f| &f.class == class);
-            let parts = self
-                .cfg
-                .map
-                .size_classes
-                .get(usize::from(class.size))
-                .map_or(1, |c| c.partitions);
+            let parts = self.cfg.map.partitions(class.size);
             let writes = flag_writes(
                 self.written.get(&ci),
                 new,
@@ -308,12 +303,7 @@ impl Sim<'_> {
         }
         if self.draws[ci].is_none() {
             let class = &self.classes[ci];
-            let parts = self
-                .cfg
-                .map
-                .size_classes
-                .get(usize::from(class.size))
-                .map_or(1, |c| c.partitions);
+            let parts = self.cfg.map.partitions(class.size);
             let mut d: ClassDraws = vec![Vec::new(); usize::from(parts)];
             for (n, node) in self.nodes.iter().enumerate() {
                 let id = &node.profile.id;
