@@ -27,7 +27,9 @@ use crate::takers::{PartitionTakers, partition_takers};
 use crate::wire::{BacklogFlag, NodeAdvert};
 
 /// Buckets of the election draw a flag's partition is stored in. A power of two, so a
-/// bucket's bounds and a draw's bucket are exact in floating point.
+/// bucket's bounds and a draw's bucket are exact in floating point. More buckets write more
+/// keys for about the same messages (the simulator's 100,000-node run: 86, 59, 56 and 54 flag
+/// messages and 0.4, 1.4, 2.7 and 5.4 keys per placement with 2, 8, 16 and 32).
 pub const FLAG_BUCKETS: u8 = 8;
 
 /// A key is re-written this often while its class stays backed up (its measurement, depth,
