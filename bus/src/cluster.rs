@@ -1,6 +1,6 @@
 //! Cluster-wide state in the config bucket: the cluster config (shard map, flavors, limits),
-//! backlog flags (one key per partition and election bucket, `placement::flag_writes`), class demand
-//! and affinity group pins.
+//! backlog flags (one key per partition, kind of node and election bucket,
+//! `placement::flag_writes`), class demand and affinity group pins.
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
@@ -29,7 +29,7 @@ pub enum ClusterEvent {
     Config(Box<ClusterConfig>),
     /// A class backed up, as one of its keys holds it (`placement::flag_writes`).
     Flag {
-        /// The partition and election bucket of the key.
+        /// The partition, kind of node and election bucket of the key.
         slot: FlagSlot,
         /// The flag as stored there.
         flag: BacklogFlag,
@@ -38,7 +38,7 @@ pub enum ClusterEvent {
     FlagCleared {
         /// The class.
         class: ClassKey,
-        /// The partition and election bucket of the key.
+        /// The partition, kind of node and election bucket of the key.
         slot: FlagSlot,
     },
     /// A zone's class demand was updated.

@@ -21,7 +21,7 @@ pub const REAPED: &str = "updraft_dispatcher_reaped_total";
 pub const TIMERS: &str = "updraft_dispatcher_timers_total";
 /// Sweep actions, by action.
 pub const SWEEP: &str = "updraft_dispatcher_sweep_actions_total";
-/// Backlog flag keys written or deleted (one per partition of a class).
+/// Backlog flag keys written or deleted (one per partition, kind of node and draw bucket).
 pub const FLAG_WRITES: &str = "updraft_dispatcher_flag_writes_total";
 /// Deletes requested.
 pub const DELETES: &str = "updraft_dispatcher_deletes_total";
@@ -75,7 +75,7 @@ pub fn describe() {
     describe_counter!(SWEEP, "Sweep actions, by action");
     describe_counter!(
         FLAG_WRITES,
-        "Backlog flag keys written or deleted (one per partition of a class)"
+        "Backlog flag keys written or deleted (one per partition, kind of node and draw bucket)"
     );
     describe_counter!(DELETES, "Deletes requested");
     describe_gauge!(QUEUE_DEPTH, "Queued requests per class");

@@ -386,10 +386,8 @@ impl Dispatcher {
                     }
                     ClusterEvent::Flag { slot, flag } => {
                         let mut flags = self.flags.lock().expect("flags lock");
-                        flags
-                            .entry(flag.class.clone())
-                            .or_default()
-                            .insert(slot, flag);
+                        let class = flag.class.clone();
+                        crate::timekeeper::remember_flag_key(&mut flags, &class, slot, flag);
                     }
                     ClusterEvent::FlagCleared { class, slot } => {
                         let mut flags = self.flags.lock().expect("flags lock");

@@ -39,6 +39,16 @@ fn similar(a: &[DemandEntry], b: &[DemandEntry]) -> bool {
 /// A delete command is re-sent when the record has been `deleting` this long.
 const COMMAND_RESEND: Duration = Duration::from_secs(30);
 
+/// Notes what one of `class`'s flag keys now holds (written).
+pub(crate) fn remember_flag_key(
+    flags: &mut std::collections::BTreeMap<ClassKey, placement::flag_writes::StoredFlag>,
+    class: &ClassKey,
+    slot: placement::flag_writes::FlagSlot,
+    flag: BacklogFlag,
+) {
+    flags.entry(class.clone()).or_default().insert(slot, flag);
+}
+
 /// Forgets one of `class`'s flag keys (deleted), and the class once it has none left.
 pub(crate) fn forget_flag_key(
     flags: &mut std::collections::BTreeMap<ClassKey, placement::flag_writes::StoredFlag>,
@@ -192,9 +202,10 @@ impl Dispatcher {
     /// first `since` (`placement::takers::flag_since`), so the pack tiers and the starvation
     /// guard count from one instant. The flag's takers (per partition with requests waiting)
     /// are settled against the nodes' advertisements each sweep (`placement::takers`). A flag
-    /// is stored per partition and election bucket, in the buckets with a node that may act on
-    /// it (`placement::flag_writes`): a key is written when the flag is first raised there,
-    /// when what it holds of the takers or the flag's `since` move, and every `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
+    /// is stored per partition, kind of node and election bucket, in the buckets with a node
+    /// that may act on it (`placement::flag_writes`): a key is written when the flag is first
+    /// raised there, when what it holds of the takers or the flag's `since` move, and every
+    /// `FLAG_REFRESH`. `queue` is the class's queue when the caller has measured it (the
     /// sweep); without it (a spill) only a new flag is raised.
     async fn raise_flag(
         &self,
@@ -270,10 +281,7 @@ impl Dispatcher {
         for (slot, stored) in &writes.put {
             if self.bus.cluster.put_flag(*slot, stored).await.is_ok() {
                 let mut flags = self.flags.lock().expect("flags lock");
-                flags
-                    .entry(class.clone())
-                    .or_default()
-                    .insert(*slot, stored.clone());
+                remember_flag_key(&mut flags, class, *slot, stored.clone());
             }
         }
         for slot in &writes.delete {

@@ -8,8 +8,7 @@ use bus::BusError;
 use bus::cluster::ClusterEvent;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use placement::flag_writes::{FlagSlot, draw_bucket};
-use placement::policy::election_draw;
+use placement::flag_writes::FlagSlot;
 use placement::subjects::{backlog_key, node_config_keys};
 
 use crate::agent::Agent;
@@ -79,17 +78,16 @@ impl Agent {
                 // only the key of this node's partition, kind and election bucket (its watch
                 // asks for no other)
                 let size = usize::from(flag.class.size);
-                if size < inner.map.size_classes.len() {
-                    let mine = FlagSlot {
-                        part: inner
-                            .map
-                            .node_partition(self.profile.id.as_str(), flag.class.size),
-                        empty: *self.empty.borrow(),
-                        bucket: draw_bucket(election_draw(&self.profile.id, &flag.class)),
-                    };
-                    if slot == mine {
-                        inner.flags.insert(backlog_key(&flag.class, slot), flag);
-                    }
+                if size < inner.map.size_classes.len()
+                    && slot
+                        == FlagSlot::of_node(
+                            &inner.map,
+                            &self.profile.id,
+                            &flag.class,
+                            *self.empty.borrow(),
+                        )
+                {
+                    inner.flags.insert(backlog_key(&flag.class, slot), flag);
                 }
             }
             ClusterEvent::FlagCleared { class, slot } => {

@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::Timestamp;
-use crate::shard::ClassKey;
+use crate::ids::NodeId;
+use crate::policy::election_draw;
+use crate::shard::{ClassKey, ShardMap};
 use crate::takers::{PartitionTakers, partition_takers};
 use crate::wire::{BacklogFlag, NodeAdvert};
 
@@ -45,6 +47,18 @@ pub struct FlagSlot {
     pub empty: bool,
     /// The bucket of the election draw.
     pub bucket: u8,
+}
+
+impl FlagSlot {
+    /// The one slot of `class` that `node` watches: the partition of the class it pulls, its
+    /// kind (`empty`, or in use) and the bucket of its election draw.
+    pub fn of_node(map: &ShardMap, node: &NodeId, class: &ClassKey, empty: bool) -> FlagSlot {
+        FlagSlot {
+            part: map.node_partition(node.as_str(), class.size),
+            empty,
+            bucket: draw_bucket(election_draw(node, class)),
+        }
+    }
 }
 
 /// What a class's keys hold, by slot.
@@ -260,8 +274,8 @@ pub fn flag_writes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{NodeId, TraitClassName, Zone};
-    use crate::policy::{GuardConfig, election_draw};
+    use crate::ids::{TraitClassName, Zone};
+    use crate::policy::GuardConfig;
     use crate::resources::Resources;
     use crate::takers::acts_on;
     use crate::wire::WIRE_VERSION;

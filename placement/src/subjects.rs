@@ -3,9 +3,8 @@
 //! Subjects are lowercase with a version token; streams and buckets are `UPPER_SNAKE`;
 //! consumers are kebab-case. docs/subjects.md lists each with its producer and consumer.
 
-use crate::flag_writes::{FlagSlot, draw_bucket};
+use crate::flag_writes::FlagSlot;
 use crate::ids::{NodeId, RequestId, TraitClassName, TraitName, Zone};
-use crate::policy::election_draw;
 use crate::shard::{ClassKey, Lane, ShardId, ShardMap};
 use crate::wire::TimerKind;
 
@@ -179,12 +178,10 @@ pub fn node_config_keys(
                 tclass: tclass.clone(),
                 size,
             };
-            let slot = FlagSlot {
-                part: map.node_partition(node.as_str(), size),
-                empty,
-                bucket: draw_bucket(election_draw(node, &class)),
-            };
-            keys.push(backlog_key(&class, slot));
+            keys.push(backlog_key(
+                &class,
+                FlagSlot::of_node(map, node, &class, empty),
+            ));
         }
     }
     keys
@@ -244,7 +241,9 @@ pub fn api_subject(endpoint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flag_writes::draw_bucket;
     use crate::ids::{TraitClassName, Zone};
+    use crate::policy::election_draw;
 
     fn shard() -> ShardId {
         ShardId {
