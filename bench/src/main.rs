@@ -6,6 +6,7 @@
 
 mod broker;
 mod cluster;
+mod fanout;
 mod libvirt;
 mod place;
 mod raw;
@@ -46,6 +47,13 @@ struct Cli {
     /// Seconds of the idle measurement.
     #[arg(long, default_value_t = 20)]
     idle_secs: u64,
+    /// Flag keys written (or deleted) per second in the fan-out run.
+    #[arg(long, default_value_t = 200.0)]
+    fanout_rate: f64,
+    /// Length of each window of the fan-out run, seconds (at least two pull lifetimes, so
+    /// that each window holds as many of the idle agents' pull re-issues).
+    #[arg(long, default_value_t = 60)]
+    fanout_secs: u64,
     /// Skip the 3-server R3 runs.
     #[arg(long)]
     no_cluster: bool,
@@ -89,6 +97,9 @@ enum Run {
     Idle,
     /// The throughput run on a 3-server R3 cluster.
     Cluster,
+    /// What a backlog flag message costs the broker: `--scale-agents` idle agents watching
+    /// their flag keys while one class's keys are written at `--fanout-rate`.
+    Fanout,
 }
 
 impl Cli {
@@ -210,6 +221,26 @@ async fn idle(
     #[allow(clippy::cast_precision_loss)]
     let cpu_share = cpu / secs as f64;
     Ok((cpu_share * per_k, msgs * per_k))
+}
+
+/// One line of the fan-out run's report.
+fn fanout_note(how: &str, agents: usize, f: &fanout::FanoutResult) -> String {
+    #[allow(clippy::cast_precision_loss)] // rates for a report
+    let per_s = |v: u64| v as f64 / f.secs;
+    let write = if f.unwatched.is_some() {
+        format!("; a write nobody watches {:.0} µs", f.broker_us_per_write())
+    } else {
+        String::new()
+    };
+    format!(
+        "flag fan-out over {how}, {agents} watchers, 1 in 8 watching each key: {:.0} writes/s, {:.0} messages/s delivered ({:.0} expected); broker CPU {:.1} µs per delivered message net of idle load{write} (the broker at {:.0} % of a core); watchers {:.1} µs per message",
+        per_s(f.writes),
+        per_s(f.deliveries),
+        per_s(f.expected),
+        f.broker_us_per_delivery(),
+        100.0 * f.broker_busy_share(),
+        f.clients_us_per_delivery(),
+    )
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<()> {
@@ -355,6 +386,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             tuning.pull.expiry,
             idle_cpu * 100.0
         ));
+    }
+    if cli.runs(Run::Fanout) {
+        let kv =
+            fanout::kv_watches(cli.scale_agents, cli.fanout_secs, cli.fanout_rate, &node).await?;
+        eprintln!("fanout (KV watches): {kv:?}");
+        let core =
+            fanout::core_subscriptions(cli.scale_agents, cli.fanout_secs, cli.fanout_rate).await?;
+        eprintln!("fanout (core): {core:?}");
+        for (how, f) in [
+            ("KV watches (as shipped)", &kv),
+            ("core NATS subscriptions (comparison)", &core),
+        ] {
+            notes.push(fanout_note(how, cli.scale_agents, f));
+        }
     }
     if cli.runs(Run::Cluster) {
         let opts = PlaceOpts {

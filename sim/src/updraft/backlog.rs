@@ -57,6 +57,11 @@ fn parts_of(flag: Option<&BacklogFlag>) -> impl Iterator<Item = u16> + '_ {
         .map(|t| t.part)
 }
 
+/// What a flag write does to its key (an index into the counts of [`Sim::count_flag_writes`]).
+const RAISE: usize = 0;
+const UPDATE: usize = 1;
+const LOWER: usize = 2;
+
 impl Sim<'_> {
     /// The dispatcher's sweep: backlog flags each sweep, class demand every ten seconds.
     pub(super) fn sweep(&mut self, now: Millis) {
@@ -195,7 +200,8 @@ impl Sim<'_> {
     /// and election bucket a node that may act draws in, `placement::flag_writes`, as
     /// `dispatcher/src/timekeeper.rs` writes them) and the messages they cost the broker: each
     /// reaches the live nodes of its kind (in use or empty) pulling its partition whose draw
-    /// falls in its bucket.
+    /// falls in its bucket. The messages are also counted by what the write does to its key
+    /// (raise, update, lower) and, of them, those to nodes in use.
     fn count_flag_writes(&mut self, flags: &[BacklogFlag], now: Millis) {
         let mut classes: BTreeSet<u32> = self.written.keys().copied().collect();
         classes.extend(
@@ -220,29 +226,44 @@ impl Sim<'_> {
             }
             self.ensure_draws(ci);
             let watchers = self.draws[ci as usize].as_deref().unwrap_or_default();
-            let delivered: usize = writes
+            // each write, by what it does to its key: raise (the key held nothing), update
+            // (it held another value) or lower (deleted)
+            let stored = self.written.get(&ci);
+            let kinds = writes
                 .put
                 .iter()
-                .map(|(slot, _)| *slot)
-                .chain(writes.delete.iter().copied())
-                .map(|slot| {
-                    // a partition's nodes in ascending order of draw: those of the bucket, of
-                    // the slot's kind
-                    watchers.get(usize::from(slot.part)).map_or(0, |nodes| {
-                        let from = nodes.partition_point(|(d, _)| draw_bucket(*d) < slot.bucket);
-                        let to = nodes.partition_point(|(d, _)| draw_bucket(*d) <= slot.bucket);
-                        nodes[from..to]
-                            .iter()
-                            .filter(|(_, n)| {
-                                let st = &self.standing[*n as usize];
-                                st.free.is_some() && st.is_empty == slot.empty
-                            })
-                            .count()
-                    })
+                .map(|(slot, _)| {
+                    let raise = stored.is_none_or(|s| !s.contains_key(slot));
+                    (*slot, if raise { RAISE } else { UPDATE })
                 })
-                .sum();
+                .chain(writes.delete.iter().map(|slot| (*slot, LOWER)));
+            let mut delivered = [0u64; 3];
+            let mut in_use = 0u64;
+            for (slot, kind) in kinds {
+                // a partition's nodes in ascending order of draw: those of the bucket, of the
+                // slot's kind
+                let n = watchers.get(usize::from(slot.part)).map_or(0, |nodes| {
+                    let from = nodes.partition_point(|(d, _)| draw_bucket(*d) < slot.bucket);
+                    let to = nodes.partition_point(|(d, _)| draw_bucket(*d) <= slot.bucket);
+                    nodes[from..to]
+                        .iter()
+                        .filter(|(_, n)| {
+                            let st = &self.standing[*n as usize];
+                            st.free.is_some() && st.is_empty == slot.empty
+                        })
+                        .count() as u64
+                });
+                delivered[kind] += n;
+                if !slot.empty {
+                    in_use += n;
+                }
+            }
+            self.rec.count("flag_deliveries", delivered.iter().sum());
+            self.rec.count("flag_deliveries_raise", delivered[RAISE]);
+            self.rec.count("flag_deliveries_update", delivered[UPDATE]);
+            self.rec.count("flag_deliveries_lower", delivered[LOWER]);
+            self.rec.count("flag_deliveries_in_use", in_use);
             self.rec.count("flag_writes", writes.len() as u64);
-            self.rec.count("flag_deliveries", delivered as u64);
             let stored = self.written.entry(ci).or_default();
             writes.apply(stored);
             if stored.is_empty() {
