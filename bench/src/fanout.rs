@@ -57,6 +57,9 @@ pub struct FanoutResult {
     pub unwatched: Option<(u64, Cpu)>,
     /// CPU while writing the watched keys.
     pub busy: Cpu,
+    /// Watches of one node's keys opened and dropped, and the CPU while doing so (None for
+    /// core NATS): what an agent's re-watch costs (it watches again when it fills or empties).
+    pub rewatch: Option<(u64, Cpu)>,
 }
 
 impl FanoutResult {
@@ -83,6 +86,16 @@ impl FanoutResult {
         #[allow(clippy::cast_precision_loss)]
         let d = self.deliveries.max(1) as f64;
         (self.busy.clients - self.idle.clients).max(0.0) * 1e6 / d
+    }
+
+    /// Broker CPU microseconds per re-watch (a watch of one node's keys opened, its current
+    /// values replayed, and dropped), net of idle load.
+    pub fn broker_us_per_rewatch(&self) -> f64 {
+        self.rewatch.map_or(0.0, |(n, cpu)| {
+            #[allow(clippy::cast_precision_loss)] // a rate for a report
+            let n = n.max(1) as f64;
+            (cpu.broker - self.idle.broker).max(0.0) * 1e6 / n
+        })
     }
 
     /// Share of one core the broker used while delivering.
@@ -237,6 +250,24 @@ pub async fn kv_watches(
     // the last deliveries land
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (c3, r3) = (cpu_now(&c.broker), received());
+    // a node's re-watch: its keys (as an agent in use watches them), opened and dropped
+    let probe = placement::NodeId::new("fanout-probe")?;
+    let keys = placement::subjects::node_config_keys(&map, &probe, &class.zone, &[], false);
+    let (rewatches, _) = at_rate(rate.min(100.0), window, |_| {
+        let (cluster, keys) = (d.bus.cluster.clone(), keys.clone());
+        async move {
+            match cluster.watch_keys(&keys).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-watch failed");
+                    false
+                }
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c4 = cpu_now(&c.broker);
     c.stop().await;
     let expected = (0..usize::try_from(writes).unwrap_or(usize::MAX))
         .map(|i| watchers.get(&slots[i % slots.len()]).copied().unwrap_or(0))
@@ -251,6 +282,7 @@ pub async fn kv_watches(
         idle: since(c0, c1),
         unwatched: Some((unwatched, since(c1, c2))),
         busy: since(c2, c3),
+        rewatch: Some((rewatches, since(c3, c4))),
     })
 }
 
@@ -308,5 +340,6 @@ pub async fn core_subscriptions(
         idle: since(c0, c1),
         unwatched: None,
         busy: since(c1, c2),
+        rewatch: None,
     })
 }

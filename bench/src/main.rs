@@ -232,8 +232,16 @@ fn fanout_note(how: &str, agents: usize, f: &fanout::FanoutResult) -> String {
     } else {
         String::new()
     };
+    let rewatch = f.rewatch.map_or(String::new(), |(n, _)| {
+        #[allow(clippy::cast_precision_loss)] // a rate for a report
+        let per_s = n as f64 / f.secs;
+        format!(
+            "; a node's re-watch (a watch of its flag and config keys opened, replayed and dropped, {per_s:.0}/s) {:.0} µs",
+            f.broker_us_per_rewatch()
+        )
+    });
     format!(
-        "flag fan-out over {how}, {agents} watchers, 1 in 8 watching each key: {:.0} writes/s, {:.0} messages/s delivered ({:.0} expected); broker CPU {:.1} µs per delivered message net of idle load{write} (the broker at {:.0} % of a core); watchers {:.1} µs per message",
+        "flag fan-out over {how}, {agents} watchers, 1 in 8 watching each key: {:.0} writes/s, {:.0} messages/s delivered ({:.0} expected); broker CPU {:.1} µs per delivered message net of idle load{write}{rewatch} (the broker at {:.0} % of a core); watchers {:.1} µs per message",
         per_s(f.writes),
         per_s(f.deliveries),
         per_s(f.expected),

@@ -58,7 +58,17 @@ pub struct TopologyConfig {
     /// Longest pull expiry accepted by the lane consumers.
     #[serde(with = "humantime_serde")]
     pub max_pull_expiry: Duration,
+    /// Consumers allowed on each bucket every node watches (the cluster config, with its
+    /// flags, and the node commands): one per node, a few per dispatcher, and the watches
+    /// being replaced. Set on the streams themselves, as nats-server 2.15 limits a stream
+    /// that sets none to its `default_max_consumers` (1,000 unless configured), which would
+    /// leave every node past the thousandth without its watches.
+    pub max_node_watches: i32,
 }
+
+/// Consumers allowed on each bucket every node watches, by default: twice as many as
+/// 100,000 nodes need, for their watches being replaced and the dispatchers'.
+pub const DEFAULT_MAX_NODE_WATCHES: i32 = 200_000;
 
 impl Default for TopologyConfig {
     fn default() -> Self {
@@ -73,6 +83,7 @@ impl Default for TopologyConfig {
             max_waiting: 20_000,
             ack_wait: Duration::from_secs(5),
             max_pull_expiry: Duration::from_secs(300),
+            max_node_watches: DEFAULT_MAX_NODE_WATCHES,
         }
     }
 }
@@ -114,6 +125,31 @@ fn bucket(name: &str, cfg: &TopologyConfig) -> kv::Config {
     }
 }
 
+/// Sets stream `name`'s consumer limit to `max` unless it has it already.
+async fn ensure_max_consumers(
+    js: &jetstream::Context,
+    name: &str,
+    max: i32,
+) -> Result<(), BusError> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| BusError::nats(format!("read stream {name}"), e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| BusError::nats(format!("read stream {name}"), e))?
+        .config
+        .clone();
+    if config.max_consumers != max {
+        config.max_consumers = max;
+        js.update_stream(config)
+            .await
+            .map_err(|e| BusError::nats(format!("set the consumer limit of stream {name}"), e))?;
+    }
+    Ok(())
+}
+
 impl Bus {
     /// Creates (or updates) the buckets and the timer stream, then binds. Shards are separate:
     /// see [`Bus::ensure_shards`].
@@ -145,6 +181,9 @@ impl Bus {
             },
         )
         .await?;
+        for name in [COMMANDS_BUCKET, CONFIG_BUCKET] {
+            ensure_max_consumers(&js, &format!("KV_{name}"), cfg.max_node_watches).await?;
+        }
         let timers = js
             .create_or_update_stream(stream::Config {
                 name: TIMERS_STREAM.to_string(),
