@@ -125,7 +125,8 @@ fn bucket(name: &str, cfg: &TopologyConfig) -> kv::Config {
     }
 }
 
-/// Sets stream `name`'s consumer limit to `max` unless it has it already.
+/// Sets stream `name`'s consumer limit to `max` unless it has it already (a warning where the
+/// server refuses).
 async fn ensure_max_consumers(
     js: &jetstream::Context,
     name: &str,
@@ -143,9 +144,11 @@ async fn ensure_max_consumers(
         .clone();
     if config.max_consumers != max {
         config.max_consumers = max;
-        js.update_stream(config)
-            .await
-            .map_err(|e| BusError::nats(format!("set the consumer limit of stream {name}"), e))?;
+        // a server before 2.15 may refuse to change the limit; it sets no default limit
+        // either, so the stream keeps room for every node
+        if let Err(e) = js.update_stream(config).await {
+            tracing::warn!(stream = name, error = %e, "could not set the stream's consumer limit; a nats-server 2.15 or later without it lets only its default_max_consumers nodes watch");
+        }
     }
     Ok(())
 }
