@@ -63,13 +63,18 @@ pub struct FanoutResult {
 }
 
 impl FanoutResult {
-    /// Broker CPU microseconds per write with nobody to deliver it to, net of idle load.
-    pub fn broker_us_per_write(&self) -> f64 {
-        self.unwatched.map_or(0.0, |(n, cpu)| {
+    /// Broker CPU microseconds per operation of a window of `n` operations, net of idle load.
+    fn broker_us_per_op(&self, window: Option<(u64, Cpu)>) -> f64 {
+        window.map_or(0.0, |(n, cpu)| {
             #[allow(clippy::cast_precision_loss)] // a rate for a report
             let n = n.max(1) as f64;
             (cpu.broker - self.idle.broker).max(0.0) * 1e6 / n
         })
+    }
+
+    /// Broker CPU microseconds per write with nobody to deliver it to, net of idle load.
+    pub fn broker_us_per_write(&self) -> f64 {
+        self.broker_us_per_op(self.unwatched)
     }
 
     /// Broker CPU microseconds per delivered message, net of idle load and of the writes.
@@ -91,11 +96,7 @@ impl FanoutResult {
     /// Broker CPU microseconds per re-watch (a watch of one node's keys opened, its current
     /// values replayed, and dropped), net of idle load.
     pub fn broker_us_per_rewatch(&self) -> f64 {
-        self.rewatch.map_or(0.0, |(n, cpu)| {
-            #[allow(clippy::cast_precision_loss)] // a rate for a report
-            let n = n.max(1) as f64;
-            (cpu.broker - self.idle.broker).max(0.0) * 1e6 / n
-        })
+        self.broker_us_per_op(self.rewatch)
     }
 
     /// Share of one core the broker used while delivering.
