@@ -57,9 +57,11 @@ pub struct FanoutResult {
     pub unwatched: Option<(u64, Cpu)>,
     /// CPU while writing the watched keys.
     pub busy: Cpu,
-    /// Watches of one node's keys opened and dropped, and the CPU while doing so (None for
-    /// core NATS): what an agent's re-watch costs (it watches again when it fills or empties).
-    pub rewatch: Option<(u64, Cpu)>,
+    /// What a node pays to start hearing its keys, and the CPU while it did: over KV
+    /// watches, a watch of one node's keys opened, replayed and dropped (an agent watches
+    /// again when it fills or empties); over a republishing bucket, a read of one key. None
+    /// for plain core NATS.
+    pub joins: Option<(u64, Cpu)>,
 }
 
 impl FanoutResult {
@@ -93,10 +95,9 @@ impl FanoutResult {
         (self.busy.clients - self.idle.clients).max(0.0) * 1e6 / d
     }
 
-    /// Broker CPU microseconds per re-watch (a watch of one node's keys opened, its current
-    /// values replayed, and dropped), net of idle load.
-    pub fn broker_us_per_rewatch(&self) -> f64 {
-        self.broker_us_per_op(self.rewatch)
+    /// Broker CPU microseconds per join (see `joins`), net of idle load.
+    pub fn broker_us_per_join(&self) -> f64 {
+        self.broker_us_per_op(self.joins)
     }
 
     /// Share of one core the broker used while delivering.
@@ -283,26 +284,55 @@ pub async fn kv_watches(
         idle: since(c0, c1),
         unwatched: Some((unwatched, since(c1, c2))),
         busy: since(c2, c3),
-        rewatch: Some((rewatches, since(c3, c4))),
+        joins: Some((rewatches, since(c3, c4))),
     })
 }
 
+/// How the comparison's messages are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Core {
+    /// Published on core NATS.
+    Publish,
+    /// Put in a KV bucket that republishes each stored message on core NATS (how flags could
+    /// reach nodes without a consumer each): the subscribers are the same.
+    Republish,
+}
+
 /// The comparison: `clients` plain connections, each subscribed (core NATS) to one of eight
-/// subjects, and a publisher at `rate` for `secs`.
+/// subjects, and a writer at `rate` for `secs` (`how`). With a republishing bucket, a window
+/// of puts nobody subscribes to prices the stored write, and one of reads of a key prices
+/// what a node subscribing to a key would pay to learn its value.
 pub async fn core_subscriptions(
     clients: usize,
     secs: u64,
     rate: f64,
+    how: Core,
 ) -> anyhow::Result<FanoutResult> {
     let broker = Broker::start(false)?;
     let url = broker.url();
     let publisher = async_nats::connect(&url).await?;
+    let js = async_nats::jetstream::new(publisher.clone());
+    let kv = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "FANOUT".into(),
+            republish: Some(async_nats::jetstream::stream::Republish {
+                source: "$KV.FANOUT.>".into(),
+                destination: "fanout.r.>".into(),
+                headers_only: false,
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let subject = |k: usize| match how {
+        Core::Publish => format!("fanout.k{k}"),
+        Core::Republish => format!("fanout.r.k{k}"),
+    };
     let received = Arc::new(AtomicU64::new(0));
     let mut conns = Vec::with_capacity(clients);
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
         let c = async_nats::connect(&url).await?;
-        let mut sub = c.subscribe(format!("fanout.k{}", i % 8)).await?;
+        let mut sub = c.subscribe(subject(i % 8)).await?;
         let n = received.clone();
         tasks.push(tokio::spawn(async move {
             while futures::StreamExt::next(&mut sub).await.is_some() {
@@ -315,23 +345,47 @@ pub async fn core_subscriptions(
     let window = Duration::from_secs(secs);
     // a message the size of a flag
     let body = bytes::Bytes::from(vec![b'x'; 300]);
+    let send = |key: String| {
+        let (p, kv, body) = (publisher.clone(), kv.clone(), body.clone());
+        async move {
+            match how {
+                Core::Publish => p.publish(format!("fanout.{key}"), body).await.is_ok(),
+                Core::Republish => kv.put(key, body).await.is_ok(),
+            }
+        }
+    };
     let c0 = cpu_now(&broker);
     tokio::time::sleep(window).await;
-    let (c1, r1) = (cpu_now(&broker), received.load(Ordering::Relaxed));
-    let (writes, secs_busy) = at_rate(rate, window, |i| {
-        let (p, body) = (publisher.clone(), body.clone());
-        async move { p.publish(format!("fanout.k{}", i % 8), body).await.is_ok() }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c1 = cpu_now(&broker);
+    // puts of keys nobody subscribes to (republished to nobody)
+    let unwatched = if how == Core::Republish {
+        let (n, _) = at_rate(rate, window, |i| send(format!("n{}", i % 8))).await;
+        Some(n)
+    } else {
+        None
+    };
     let (c2, r2) = (cpu_now(&broker), received.load(Ordering::Relaxed));
+    let (writes, secs_busy) = at_rate(rate, window, |i| send(format!("k{}", i % 8))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (c3, r3) = (cpu_now(&broker), received.load(Ordering::Relaxed));
+    // reads of one key each, as a node subscribing to a key would make
+    let reads = if how == Core::Republish {
+        let (n, _) = at_rate(rate, window, |i| {
+            let kv = kv.clone();
+            async move { kv.entry(format!("k{}", i % 8)).await.is_ok() }
+        })
+        .await;
+        Some((n, since(c3, cpu_now(&broker))))
+    } else {
+        None
+    };
     for t in tasks {
         t.abort();
     }
     Ok(FanoutResult {
         secs: secs_busy,
         writes,
-        deliveries: r2 - r1,
+        deliveries: r3 - r2,
         expected: (0..clients)
             .map(|i| {
                 let k = u64::try_from(i % 8).unwrap_or(0);
@@ -339,8 +393,8 @@ pub async fn core_subscriptions(
             })
             .sum(),
         idle: since(c0, c1),
-        unwatched: None,
-        busy: since(c1, c2),
-        rewatch: None,
+        unwatched: unwatched.map(|n| (n, since(c1, c2))),
+        busy: since(c2, c3),
+        joins: reads,
     })
 }

@@ -223,8 +223,9 @@ async fn idle(
     Ok((cpu_share * per_k, msgs * per_k))
 }
 
-/// One line of the fan-out run's report.
-fn fanout_note(how: &str, agents: usize, f: &fanout::FanoutResult) -> String {
+/// One line of the fan-out run's report: `how` the messages went, and what a node's join
+/// (`fanout::FanoutResult::joins`) is there.
+fn fanout_note(how: &str, join: &str, agents: usize, f: &fanout::FanoutResult) -> String {
     #[allow(clippy::cast_precision_loss)] // rates for a report
     let per_s = |v: u64| v as f64 / f.secs;
     let write = if f.unwatched.is_some() {
@@ -232,16 +233,15 @@ fn fanout_note(how: &str, agents: usize, f: &fanout::FanoutResult) -> String {
     } else {
         String::new()
     };
-    let rewatch = f.rewatch.map_or(String::new(), |(n, _)| {
-        #[allow(clippy::cast_precision_loss)] // a rate for a report
-        let per_s = n as f64 / f.secs;
+    let joins = f.joins.map_or(String::new(), |(n, _)| {
         format!(
-            "; a node's re-watch (a watch of its flag and config keys opened, replayed and dropped, {per_s:.0}/s) {:.0} µs",
-            f.broker_us_per_rewatch()
+            "; {join} {:.0} µs ({:.0}/s)",
+            f.broker_us_per_join(),
+            per_s(n)
         )
     });
     format!(
-        "flag fan-out over {how}, {agents} watchers, 1 in 8 watching each key: {:.0} writes/s, {:.0} messages/s delivered ({:.0} expected); broker CPU {:.1} µs per delivered message net of idle load{write}{rewatch} (the broker at {:.0} % of a core); watchers {:.1} µs per message",
+        "flag fan-out over {how}, {agents} watchers, 1 in 8 watching each key: {:.0} writes/s, {:.0} messages/s delivered ({:.0} expected); broker CPU {:.1} µs per delivered message net of idle load and of the writes{write}{joins} (the broker at {:.0} % of a core); watchers {:.1} µs per message",
         per_s(f.writes),
         per_s(f.deliveries),
         per_s(f.expected),
@@ -396,17 +396,25 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     if cli.runs(Run::Fanout) {
-        let kv =
-            fanout::kv_watches(cli.scale_agents, cli.fanout_secs, cli.fanout_rate, &node).await?;
+        let (k, secs, rate) = (cli.scale_agents, cli.fanout_secs, cli.fanout_rate);
+        let kv = fanout::kv_watches(k, secs, rate, &node).await?;
         eprintln!("fanout (KV watches): {kv:?}");
-        let core =
-            fanout::core_subscriptions(cli.scale_agents, cli.fanout_secs, cli.fanout_rate).await?;
-        eprintln!("fanout (core): {core:?}");
-        for (how, f) in [
-            ("KV watches (as shipped)", &kv),
-            ("core NATS subscriptions (comparison)", &core),
+        notes.push(fanout_note(
+            "KV watches (as shipped)",
+            "a node's re-watch (a watch of its flag and config keys opened, replayed and dropped)",
+            k,
+            &kv,
+        ));
+        for (how, label) in [
+            (fanout::Core::Publish, "core NATS publishes (comparison)"),
+            (
+                fanout::Core::Republish,
+                "core NATS from a republishing KV bucket (comparison)",
+            ),
         ] {
-            notes.push(fanout_note(how, cli.scale_agents, f));
+            let f = fanout::core_subscriptions(k, secs, rate, how).await?;
+            eprintln!("fanout ({label}): {f:?}");
+            notes.push(fanout_note(label, "a read of one key", k, &f));
         }
     }
     if cli.runs(Run::Cluster) {
