@@ -1,16 +1,19 @@
 //! What one backlog-flag message costs the broker. The simulator counts how many messages a
 //! workload's flags need (`flag_deliveries` in its report); this run prices one.
 //!
-//! K idle agents each watch their own flag keys (`placement::subjects::node_config_keys`),
-//! as in production. Three windows of the same length: idle; a writer putting and deleting
-//! keys of a zone no agent is in (what a write costs with nobody to deliver it to); the same
-//! writer on one class's keys for empty nodes, which the agents watch. The broker's CPU in
-//! the last window, less the idle load and the writes' own cost, divided by the messages the
-//! watches received, is the cost of one delivery. The flags written name no takers, so no
-//! agent acts on them: the run measures deliveries, not the pulls a real flag sets off.
+//! K idle agents each follow their own flag keys (`placement::subjects::node_config_keys`)
+//! as in production, on the subjects the config bucket republishes them on. Three windows of
+//! the same length: idle; a writer putting and deleting keys of a zone no agent is in (what a
+//! write costs with nobody to deliver it to); the same writer on one class's keys for empty
+//! nodes, which the agents follow. The broker's CPU in the last window, less the idle load
+//! and the writes' own cost, divided by the messages the agents received, is the cost of one
+//! delivery. A fourth window prices a node's join (its keys subscribed, read and dropped).
+//! The flags written name no takers, so no agent acts on them: the run measures deliveries,
+//! not the pulls a real flag sets off.
 //!
-//! For comparison, the same fan-out over core NATS: K plain connections subscribed to one
-//! of eight subjects, a publisher at the same rate.
+//! For comparison, the same fan-out to K plain connections, each hearing one of eight keys:
+//! over core NATS publishes, over a republishing bucket, and over KV watches (how agents
+//! heard their flags before), a writer at the same rate.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -161,8 +164,9 @@ where
     (done, start.elapsed().as_secs_f64())
 }
 
-/// The K agents' run: KV watches, as production delivers flags.
-pub async fn kv_watches(
+/// The K agents' run, as production delivers flags: each agent follows its keys on the
+/// subjects the config bucket republishes them on.
+pub async fn agent_follows(
     agents: usize,
     secs: u64,
     rate: f64,
@@ -252,16 +256,17 @@ pub async fn kv_watches(
     // the last deliveries land
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (c3, r3) = (cpu_now(&c.broker), received());
-    // a node's re-watch: its keys (as an agent in use watches them), opened and dropped
+    // a node's join: its keys (as an agent in use follows them) subscribed, read in one
+    // batch, and dropped
     let probe = placement::NodeId::new("fanout-probe")?;
     let keys = placement::subjects::node_config_keys(&map, &probe, &class.zone, &[], false);
     let (rewatches, _) = at_rate(rate.min(100.0), window, |_| {
         let (cluster, keys) = (d.bus.cluster.clone(), keys.clone());
         async move {
-            match cluster.watch_keys(&keys).await {
+            match cluster.follow_keys(&keys).await {
                 Ok(_) => true,
                 Err(e) => {
-                    tracing::warn!(error = %e, "re-watch failed");
+                    tracing::warn!(error = %e, "join failed");
                     false
                 }
             }
@@ -288,25 +293,27 @@ pub async fn kv_watches(
     })
 }
 
-/// How the comparison's messages are sent.
+/// How the comparison's messages reach its subscribers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Core {
+pub enum Delivery {
     /// Published on core NATS.
     Publish,
-    /// Put in a KV bucket that republishes each stored message on core NATS (how flags could
-    /// reach nodes without a consumer each): the subscribers are the same.
+    /// Put in a KV bucket that republishes each stored message on core NATS (how flags reach
+    /// nodes): the subscribers are the same.
     Republish,
+    /// Put in a KV bucket each subscriber watches (how flags reached nodes before).
+    KvWatch,
 }
 
-/// The comparison: `clients` plain connections, each subscribed (core NATS) to one of eight
-/// subjects, and a writer at `rate` for `secs` (`how`). With a republishing bucket, a window
-/// of puts nobody subscribes to prices the stored write, and one of reads of a key prices
-/// what a node subscribing to a key would pay to learn its value.
+/// The comparison: `clients` plain connections, each hearing one of eight keys or subjects,
+/// and a writer at `rate` for `secs` (`how`). With a bucket, a window of puts nobody hears
+/// prices the stored write, and a window of joins prices what a node pays to start hearing
+/// a key: one key read (republished), or a watch of one key opened, replayed and dropped.
 pub async fn core_subscriptions(
     clients: usize,
     secs: u64,
     rate: f64,
-    how: Core,
+    how: Delivery,
 ) -> anyhow::Result<FanoutResult> {
     let broker = Broker::start(false)?;
     let url = broker.url();
@@ -315,30 +322,51 @@ pub async fn core_subscriptions(
     let kv = js
         .create_key_value(async_nats::jetstream::kv::Config {
             bucket: "FANOUT".into(),
-            republish: Some(async_nats::jetstream::stream::Republish {
-                source: "$KV.FANOUT.>".into(),
-                destination: "fanout.r.>".into(),
-                headers_only: false,
+            republish: (how == Delivery::Republish).then(|| {
+                async_nats::jetstream::stream::Republish {
+                    source: "$KV.FANOUT.>".into(),
+                    destination: "fanout.r.>".into(),
+                    headers_only: false,
+                }
             }),
             ..Default::default()
         })
         .await?;
-    let subject = |k: usize| match how {
-        Core::Publish => format!("fanout.k{k}"),
-        Core::Republish => format!("fanout.r.k{k}"),
-    };
+    // room for a watch per client (nats-server 2.15 allows 1,000 consumers by default)
+    let mut stream = js.get_stream("KV_FANOUT").await?;
+    let mut config = stream.info().await?.config.clone();
+    config.max_consumers = i32::try_from(clients * 2 + 100).unwrap_or(i32::MAX);
+    js.update_stream(config).await?;
     let received = Arc::new(AtomicU64::new(0));
     let mut conns = Vec::with_capacity(clients);
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
         let c = async_nats::connect(&url).await?;
-        let mut sub = c.subscribe(subject(i % 8)).await?;
         let n = received.clone();
-        tasks.push(tokio::spawn(async move {
-            while futures::StreamExt::next(&mut sub).await.is_some() {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
+        let key = format!("k{}", i % 8);
+        if how == Delivery::KvWatch {
+            let mut watch = async_nats::jetstream::new(c.clone())
+                .get_key_value("FANOUT")
+                .await?
+                .watch(key)
+                .await?;
+            tasks.push(tokio::spawn(async move {
+                while futures::StreamExt::next(&mut watch).await.is_some() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        } else {
+            let subject = match how {
+                Delivery::Republish => format!("fanout.r.{key}"),
+                _ => format!("fanout.{key}"),
+            };
+            let mut sub = c.subscribe(subject).await?;
+            tasks.push(tokio::spawn(async move {
+                while futures::StreamExt::next(&mut sub).await.is_some() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
         conns.push(c);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -349,35 +377,49 @@ pub async fn core_subscriptions(
         let (p, kv, body) = (publisher.clone(), kv.clone(), body.clone());
         async move {
             match how {
-                Core::Publish => p.publish(format!("fanout.{key}"), body).await.is_ok(),
-                Core::Republish => kv.put(key, body).await.is_ok(),
+                Delivery::Publish => p.publish(format!("fanout.{key}"), body).await.is_ok(),
+                Delivery::Republish | Delivery::KvWatch => kv.put(key, body).await.is_ok(),
             }
         }
     };
     let c0 = cpu_now(&broker);
     tokio::time::sleep(window).await;
     let c1 = cpu_now(&broker);
-    // puts of keys nobody subscribes to (republished to nobody)
-    let unwatched = if how == Core::Republish {
+    // puts of keys nobody hears
+    let unwatched = if how == Delivery::Publish {
+        None
+    } else {
         let (n, _) = at_rate(rate, window, |i| send(format!("n{}", i % 8))).await;
         Some(n)
-    } else {
-        None
     };
     let (c2, r2) = (cpu_now(&broker), received.load(Ordering::Relaxed));
     let (writes, secs_busy) = at_rate(rate, window, |i| send(format!("k{}", i % 8))).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (c3, r3) = (cpu_now(&broker), received.load(Ordering::Relaxed));
-    // reads of one key each, as a node subscribing to a key would make
-    let reads = if how == Core::Republish {
-        let (n, _) = at_rate(rate, window, |i| {
-            let kv = kv.clone();
-            async move { kv.entry(format!("k{}", i % 8)).await.is_ok() }
-        })
-        .await;
-        Some((n, since(c3, cpu_now(&broker))))
-    } else {
-        None
+    // joins: what a node pays to start hearing one key
+    let joins = match how {
+        Delivery::Publish => None,
+        Delivery::Republish => {
+            let (n, _) = at_rate(rate, window, |i| {
+                let kv = kv.clone();
+                async move { kv.entry(format!("k{}", i % 8)).await.is_ok() }
+            })
+            .await;
+            Some((n, since(c3, cpu_now(&broker))))
+        }
+        Delivery::KvWatch => {
+            let (n, _) = at_rate(rate, window, |i| {
+                let kv = kv.clone();
+                async move {
+                    let Ok(mut w) = kv.watch_with_history(format!("k{}", i % 8)).await else {
+                        return false;
+                    };
+                    futures::StreamExt::next(&mut w).await.is_some()
+                }
+            })
+            .await;
+            Some((n, since(c3, cpu_now(&broker))))
+        }
     };
     for t in tasks {
         t.abort();
@@ -395,6 +437,6 @@ pub async fn core_subscriptions(
         idle: since(c0, c1),
         unwatched: unwatched.map(|n| (n, since(c1, c2))),
         busy: since(c2, c3),
-        joins: reads,
+        joins,
     })
 }

@@ -397,24 +397,34 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.runs(Run::Fanout) {
         let (k, secs, rate) = (cli.scale_agents, cli.fanout_secs, cli.fanout_rate);
-        let kv = fanout::kv_watches(k, secs, rate, &node).await?;
-        eprintln!("fanout (KV watches): {kv:?}");
+        let shipped = fanout::agent_follows(k, secs, rate, &node).await?;
+        eprintln!("fanout (agents): {shipped:?}");
         notes.push(fanout_note(
-            "KV watches (as shipped)",
-            "a node's re-watch (a watch of its flag and config keys opened, replayed and dropped)",
+            "agents following their keys on republished subjects (as shipped)",
+            "a node's join (its 19 flag and config keys subscribed, read in one batch and dropped)",
             k,
-            &kv,
+            &shipped,
         ));
-        for (how, label) in [
-            (fanout::Core::Publish, "core NATS publishes (comparison)"),
+        for (how, label, join) in [
             (
-                fanout::Core::Republish,
+                fanout::Delivery::Publish,
+                "core NATS publishes (comparison)",
+                "",
+            ),
+            (
+                fanout::Delivery::Republish,
                 "core NATS from a republishing KV bucket (comparison)",
+                "a read of one key",
+            ),
+            (
+                fanout::Delivery::KvWatch,
+                "KV watches, one per client (comparison: how agents heard flags before)",
+                "a watch of one key opened, replayed and dropped",
             ),
         ] {
             let f = fanout::core_subscriptions(k, secs, rate, how).await?;
             eprintln!("fanout ({label}): {f:?}");
-            notes.push(fanout_note(label, "a read of one key", k, &f));
+            notes.push(fanout_note(label, join, k, &f));
         }
     }
     if cli.runs(Run::Cluster) {

@@ -2,18 +2,21 @@
 //! backlog flags (one key per partition, kind of node and election bucket,
 //! `placement::flag_writes`), class demand and affinity group pins.
 
+use std::collections::HashMap;
+
 use async_nats::jetstream::kv;
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use placement::flag_writes::FlagSlot;
 use placement::shard::ClassKey;
 use placement::subjects::{
-    BACKLOG_PREFIX, CLUSTER_KEY, DEMAND_PREFIX, backlog_key, demand_key, group_key,
-    parse_backlog_key,
+    BACKLOG_PREFIX, CLUSTER_KEY, DEMAND_PREFIX, backlog_key, config_change_subject, demand_key,
+    group_key, parse_backlog_key,
 };
 use placement::wire::{BacklogFlag, ClassDemand, ClusterConfig, GroupPin, decode, encode};
 
-use crate::kv::Kv;
+use crate::kv::{Kv, NATS_SEQUENCE, Raw, is_tombstone};
 use crate::{BusError, Versioned};
 
 /// Access to the config bucket.
@@ -153,23 +156,97 @@ impl ClusterStore {
     }
 
     /// Changes of `keys` only (`placement::subjects::node_config_keys`: a node's), starting
-    /// with their current values. One consumer filtered on every key, so a write to any
-    /// other key never reaches the watcher.
-    pub async fn watch_keys(
+    /// with their current values, without a consumer: the bucket republishes every change on
+    /// core NATS (`placement::subjects::config_change_subject`), so this subscribes to each
+    /// key's subject and then reads every key in one batch request. A change stored after the
+    /// subscriptions reach the server arrives on them; one stored before is in the read; one
+    /// in between comes both ways and is applied once, by its sequence. Changes of one key
+    /// come in order; of two keys, in either. Core NATS does not replay what a connection
+    /// missed: follow again after a reconnect.
+    pub async fn follow_keys(
         &self,
         keys: &[String],
     ) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
         if keys.is_empty() {
-            // a consumer without filters would deliver the whole bucket
             return Ok(futures::stream::pending().boxed());
         }
-        let watch = self
-            .kv
-            .store()
-            .watch_many_with_history(keys)
-            .await
-            .map_err(|e| BusError::nats("watch cluster config", e))?;
-        Ok(events(watch))
+        let client = self.kv.client();
+        let mut subs = Vec::with_capacity(keys.len());
+        for key in keys {
+            let sub = client
+                .subscribe(config_change_subject(key))
+                .await
+                .map_err(|e| BusError::nats("subscribe to config changes", e))?;
+            subs.push(sub);
+        }
+        // the subscriptions went out on this connection before the read: the server has
+        // them when it answers it
+        let mut applied: HashMap<String, u64> = HashMap::with_capacity(keys.len());
+        let mut current = Vec::with_capacity(keys.len());
+        for (key, raw) in self.kv.get_many_raw(keys).await? {
+            let (seq, value) = match raw {
+                Raw::Value(b, seq) => (seq, Some(b)),
+                Raw::Tombstone(seq) => (seq, None),
+            };
+            applied.insert(key.clone(), seq);
+            current.extend(event(&key, value.as_ref()));
+        }
+        let prefix = config_change_subject("");
+        let changes = futures::stream::select_all(subs).filter_map(move |msg| {
+            let ev = change_event(&prefix, &msg, &mut applied);
+            futures::future::ready(ev)
+        });
+        Ok(futures::stream::iter(current).chain(changes).boxed())
+    }
+}
+
+/// The event of one republished change, unless it is not newer than what was applied for its
+/// key (it came in the read too).
+fn change_event(
+    prefix: &str,
+    msg: &async_nats::Message,
+    applied: &mut HashMap<String, u64>,
+) -> Option<ClusterEvent> {
+    let key = msg.subject.as_str().strip_prefix(prefix)?;
+    let headers = msg.headers.as_ref();
+    let seq = headers
+        .and_then(|h| h.get(NATS_SEQUENCE))
+        .and_then(|v| v.as_str().parse::<u64>().ok())?;
+    match applied.get(key) {
+        Some(&done) if done >= seq => return None,
+        _ => {}
+    }
+    applied.insert(key.to_string(), seq);
+    let value = (!is_tombstone(headers)).then_some(&msg.payload);
+    event(key, value)
+}
+
+/// The event of `key` holding `value` (None: deleted), if the key is one of the cluster's.
+fn event(key: &str, value: Option<&Bytes>) -> Option<ClusterEvent> {
+    match value {
+        Some(v) if key == CLUSTER_KEY => match decode::<ClusterConfig>(v) {
+            Ok(c) => Some(ClusterEvent::Config(Box::new(c))),
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring undecodable cluster config");
+                None
+            }
+        },
+        Some(v) if key.starts_with(DEMAND_PREFIX) => {
+            decode::<ClassDemand>(v).ok().map(ClusterEvent::Demand)
+        }
+        _ => {
+            let (class, slot) = parse_backlog_key(key)?;
+            let Some(v) = value else {
+                return Some(ClusterEvent::FlagCleared { class, slot });
+            };
+            match decode::<BacklogFlag>(v) {
+                Ok(flag) if flag.class == class => Some(ClusterEvent::Flag { slot, flag }),
+                _ => {
+                    tracing::warn!(key, "ignoring an undecodable backlog flag");
+                    None
+                }
+            }
+        }
     }
 }
 
@@ -184,33 +261,8 @@ fn events(watch: kv::Watch) -> BoxStream<'static, ClusterEvent> {
                     return None;
                 }
             };
-            let put = e.operation == kv::Operation::Put;
-            if e.key == CLUSTER_KEY && put {
-                match decode::<ClusterConfig>(&e.value) {
-                    Ok(c) => Some(ClusterEvent::Config(Box::new(c))),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "ignoring undecodable cluster config");
-                        None
-                    }
-                }
-            } else if e.key.starts_with(DEMAND_PREFIX) && put {
-                decode::<ClassDemand>(&e.value)
-                    .ok()
-                    .map(ClusterEvent::Demand)
-            } else if let Some((class, slot)) = parse_backlog_key(&e.key) {
-                if !put {
-                    return Some(ClusterEvent::FlagCleared { class, slot });
-                }
-                match decode::<BacklogFlag>(&e.value) {
-                    Ok(flag) if flag.class == class => Some(ClusterEvent::Flag { slot, flag }),
-                    _ => {
-                        tracing::warn!(key = %e.key, "ignoring an undecodable backlog flag");
-                        None
-                    }
-                }
-            } else {
-                None
-            }
+            let value = (e.operation == kv::Operation::Put).then_some(&e.value);
+            event(&e.key, value)
         })
         .boxed()
 }

@@ -20,6 +20,16 @@ const MARKER_REASON: &str = "Nats-Marker-Reason";
 const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 const MSG_TTL: &str = "Nats-TTL";
 
+/// Keys read by one batch request of [`Kv::get_many_raw`] (nats-server answers at most 1,024
+/// subjects to one).
+pub const MULTI_LAST_MAX: usize = 256;
+/// How long a batch read waits for each of its replies.
+const BATCH_GET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Header of a direct get's reply (and of a republished message): the message's subject.
+pub(crate) const NATS_SUBJECT: &str = "Nats-Subject";
+/// Header of a direct get's reply (and of a republished message): its stream sequence.
+pub(crate) const NATS_SEQUENCE: &str = "Nats-Sequence";
+
 /// A raw entry: value and revision, or a tombstone (deleted, purged or expired) and its revision.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Raw {
@@ -57,7 +67,7 @@ impl std::fmt::Debug for Kv {
     }
 }
 
-fn is_tombstone(headers: Option<&HeaderMap>) -> bool {
+pub(crate) fn is_tombstone(headers: Option<&HeaderMap>) -> bool {
     let Some(h) = headers else { return false };
     if h.get(MARKER_REASON).is_some() {
         return true;
@@ -90,6 +100,11 @@ impl Kv {
             stream,
             store,
         })
+    }
+
+    /// The client the bucket is reached through.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
     }
 
     /// The bucket name.
@@ -163,6 +178,78 @@ impl Kv {
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(BusError::nats(format!("get {}/{key}", self.bucket), e)),
         }
+    }
+
+    /// Latest entries of `keys`, in one request per [`MULTI_LAST_MAX`] keys: a batch direct
+    /// get (`multi_last`, nats-server 2.11 and later; async-nats has no call for it). Any
+    /// replica may answer, as for [`Kv::get_raw`]. Keys never written are left out.
+    pub async fn get_many_raw(&self, keys: &[String]) -> Result<Vec<(String, Raw)>, BusError> {
+        let client = self.js.client();
+        let what = || format!("batch get {}", self.bucket);
+        let prefix = kv_subject(&self.bucket, "");
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MULTI_LAST_MAX) {
+            let subjects: Vec<String> = chunk.iter().map(|k| kv_subject(&self.bucket, k)).collect();
+            let body = serde_json::to_vec(&serde_json::json!({
+                "multi_last": subjects,
+                "batch": chunk.len(),
+            }))
+            .map_err(|e| BusError::nats(what(), e))?;
+            let inbox = client.new_inbox();
+            let mut replies = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| BusError::nats(what(), e))?;
+            client
+                .publish_with_reply(
+                    format!("$JS.API.DIRECT.GET.KV_{}", self.bucket),
+                    inbox,
+                    body.into(),
+                )
+                .await
+                .map_err(|e| BusError::nats(what(), e))?;
+            loop {
+                let msg = tokio::time::timeout(BATCH_GET_TIMEOUT, replies.next())
+                    .await
+                    .map_err(|_| BusError::Timeout { what: what() })?
+                    .ok_or_else(|| BusError::nats(what(), "reply subscription closed"))?;
+                match msg.status.map(|s| s.as_u16()) {
+                    // end of batch; 404: none of the keys has a message
+                    Some(204) | Some(404) => break,
+                    Some(code) => {
+                        let why = msg.description.unwrap_or_default();
+                        return Err(BusError::nats(what(), format!("status {code} {why}")));
+                    }
+                    None => {}
+                }
+                let header = |name: &str| {
+                    msg.headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.as_str().to_string())
+                };
+                let (Some(subject), Some(seq)) = (
+                    header(NATS_SUBJECT),
+                    header(NATS_SEQUENCE).and_then(|v| v.parse::<u64>().ok()),
+                ) else {
+                    return Err(BusError::nats(
+                        what(),
+                        "a reply without subject or sequence",
+                    ));
+                };
+                let Some(key) = subject.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let raw = if is_tombstone(msg.headers.as_ref()) {
+                    Raw::Tombstone(seq)
+                } else {
+                    Raw::Value(msg.payload, seq)
+                };
+                out.push((key.to_string(), raw));
+            }
+            let _ = replies.unsubscribe().await;
+        }
+        Ok(out)
     }
 
     /// Latest entry for `key`, read from the stream leader (after an ambiguous write).

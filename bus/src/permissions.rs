@@ -16,7 +16,7 @@
 
 use placement::NodeId;
 use placement::subjects::{
-    COMMANDS_BUCKET, CONFIG_BUCKET, NODES_BUCKET, REQUESTS_BUCKET, TIMERS_STREAM,
+    COMMANDS_BUCKET, CONFIG_BUCKET, CONFIG_CHANGES, NODES_BUCKET, REQUESTS_BUCKET, TIMERS_STREAM,
 };
 
 /// The account every updraft user belongs to.
@@ -65,11 +65,11 @@ pub fn agent_permissions(node: &NodeId) -> String {
             "$JS.API.CONSUMER.CREATE.{}.*.$KV.{COMMANDS_BUCKET}.{node}.>",
             kv(COMMANDS_BUCKET)
         ),
-        // cluster config, backlog flags and demand: read; affinity pins: write
+        // cluster config, backlog flags and demand: read (a key, or its keys in one batch
+        // read, and their changes as the bucket republishes them); affinity pins: write
+        format!("$JS.API.DIRECT.GET.{}", kv(CONFIG_BUCKET)),
         format!("$JS.API.DIRECT.GET.{}.>", kv(CONFIG_BUCKET)),
         format!("$JS.API.STREAM.MSG.GET.{}", kv(CONFIG_BUCKET)),
-        format!("$JS.API.CONSUMER.CREATE.{}", kv(CONFIG_BUCKET)),
-        format!("$JS.API.CONSUMER.CREATE.{}.>", kv(CONFIG_BUCKET)),
         format!("$KV.{CONFIG_BUCKET}.group.*"),
         "$JS.API.CONSUMER.DELETE.KV_UPDRAFT_*.>".to_string(),
     ];
@@ -77,7 +77,10 @@ pub fn agent_permissions(node: &NodeId) -> String {
         format!("$JS.API.CONSUMER.MSG.NEXT.{TIMERS_STREAM}.>"),
         format!("$JS.ACK.{TIMERS_STREAM}.>"),
     ];
-    let subscribe = vec![format!("{}.>", agent_inbox_prefix(node))];
+    let subscribe = vec![
+        format!("{}.>", agent_inbox_prefix(node)),
+        format!("{CONFIG_CHANGES}.>"),
+    ];
     format!(
         "{{ publish: {{ allow: {}, deny: {} }}, subscribe: {{ allow: {} }} }}",
         list(&publish),

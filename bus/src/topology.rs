@@ -13,9 +13,9 @@ use async_nats::jetstream::{
     kv, stream,
 };
 use placement::subjects::{
-    COMMANDS_BUCKET, CONFIG_BUCKET, NODES_BUCKET, PRIORITY_GROUP, REQUESTS_BUCKET,
-    TIMER_FIRE_FILTER, TIMER_SUBJECTS, TIMERS_CONSUMER, TIMERS_STREAM, lane_filter, shard_consumer,
-    shard_stream, shard_stream_subjects,
+    COMMANDS_BUCKET, CONFIG_BUCKET, CONFIG_CHANGES, NODES_BUCKET, PRIORITY_GROUP, REQUESTS_BUCKET,
+    TIMER_FIRE_FILTER, TIMER_SUBJECTS, TIMERS_CONSUMER, TIMERS_STREAM, kv_subject, lane_filter,
+    shard_consumer, shard_stream, shard_stream_subjects,
 };
 use placement::{Lane, ShardId, ShardMap};
 use serde::{Deserialize, Serialize};
@@ -58,15 +58,16 @@ pub struct TopologyConfig {
     /// Longest pull expiry accepted by the lane consumers.
     #[serde(with = "humantime_serde")]
     pub max_pull_expiry: Duration,
-    /// Consumers allowed on each bucket every node watches (the cluster config, with its
-    /// flags, and the node commands): one per node, a few per dispatcher, and the watches
-    /// being replaced. Set on the streams themselves, as nats-server 2.15 limits a stream
-    /// that sets none to its `default_max_consumers` (1,000 unless configured), which would
-    /// leave every node past the thousandth without its watches.
+    /// Consumers allowed on the node commands bucket (a watch per node, a few per
+    /// dispatcher, and the watches being replaced) and on the config bucket (the
+    /// dispatchers' watches; nodes follow it without a consumer, `ClusterStore::follow_keys`).
+    /// Set on the streams themselves, as nats-server 2.15 limits a stream that sets none to
+    /// its `default_max_consumers` (1,000 unless configured), which would leave every node
+    /// past the thousandth without its command watch.
     pub max_node_watches: i32,
 }
 
-/// Consumers allowed on each bucket every node watches, by default: twice as many as
+/// Consumers allowed on the buckets nodes and dispatchers watch, by default: twice as many as
 /// 100,000 nodes need, for their watches being replaced and the dispatchers'.
 pub const DEFAULT_MAX_NODE_WATCHES: i32 = 200_000;
 
@@ -180,6 +181,13 @@ impl Bus {
             &js,
             kv::Config {
                 history: 5,
+                // every change again on core NATS, where each node hears only its own keys
+                // without a consumer of its own (`ClusterStore::follow_keys`)
+                republish: Some(stream::Republish {
+                    source: kv_subject(CONFIG_BUCKET, ">"),
+                    destination: format!("{CONFIG_CHANGES}.>"),
+                    headers_only: false,
+                }),
                 ..bucket(CONFIG_BUCKET, cfg)
             },
         )

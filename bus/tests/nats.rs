@@ -754,7 +754,7 @@ async fn a_node_watch_gets_its_own_key_of_a_flag_and_nothing_else() {
         bucket: draw_bucket(election_draw(&node, &class("az1"))),
     };
     let keys = node_config_keys(&map, &node, &zone, &[], false);
-    let mut node_watch = b.cluster.watch_keys(&keys).await.unwrap();
+    let mut node_watch = b.cluster.follow_keys(&keys).await.unwrap();
     let mut all = b.cluster.watch().await.unwrap();
     next_matching(&mut node_watch, 10, |e| {
         matches!(e, ClusterEvent::Config(_))

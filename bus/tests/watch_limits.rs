@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module)] // test code: a panic is the failure report
 
-//! The buckets every node watches hold a watch per node past nats-server 2.15's default
-//! limit of 1,000 consumers per stream, against a real nats-server.
+//! The command bucket holds a watch per node past nats-server 2.15's default limit of 1,000
+//! consumers per stream, and every node follows its config keys (without a consumer),
+//! against a real nats-server.
 
 use futures::StreamExt;
 use placement::subjects::node_config_keys;
@@ -24,7 +25,7 @@ async fn every_node_of_a_large_cluster_gets_its_config_and_command_watches() {
         let node = NodeId::new(format!("n{i:05}")).unwrap();
         let bus = if i % 2 == 0 { &b } else { &b2 };
         let keys = node_config_keys(&map, &node, &zone, &[], false);
-        let config = bus.cluster.watch_keys(&keys).await;
+        let config = bus.cluster.follow_keys(&keys).await;
         let commands = bus.commands.watch(&node).await;
         match (config, commands) {
             (Ok(c), Ok(m)) => {

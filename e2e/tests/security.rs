@@ -247,6 +247,29 @@ async fn agents_are_confined_by_their_nats_permissions() {
         )
         .await;
     assert!(own.is_ok(), "{own:?}");
+    // it hears its config keys without a consumer: the bucket republishes them on core NATS,
+    // and it reads them all in one batch request
+    let own_bus = bus::Bus::open(a.clone()).await.unwrap();
+    let map = d
+        .dispatcher
+        .bus
+        .cluster
+        .config()
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .shard_map;
+    let node = node_id("sec-a");
+    let zone = placement::Zone::new("az1").unwrap();
+    let keys = placement::subjects::node_config_keys(&map, &node, &zone, &[], false);
+    let mut follow = own_bus.cluster.follow_keys(&keys).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), follow.next()).await;
+    assert!(
+        matches!(first, Ok(Some(bus::cluster::ClusterEvent::Config(_)))),
+        "{first:?}; violations:\n{}",
+        violations(&server)
+    );
     // the operator user may call the API but not touch records
     let op = connect_as(&url, "operator", "op-secret-2", None).await;
     let health = op.request("updraft.v1.api.health", "{}".into()).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bus::puller::{PullEnd, PullEvent, PullSpec, Puller};
 use bus::{Bus, ConnState};
+use placement::flag_writes;
 use placement::ledger::{NodeLedger, PullId};
 use placement::lifecycle::Claim;
 use placement::pull::{
@@ -228,7 +229,14 @@ impl Agent {
                 }
                 return;
             }
-            let flags: Vec<BacklogFlag> = inner.flags.values().cloned().collect();
+            let now = common::clock::now();
+            // a key whose refreshes stopped lost its delete on the way
+            let flags: Vec<BacklogFlag> = inner
+                .flags
+                .values()
+                .filter(|f| flag_writes::is_current(f, now))
+                .cloned()
+                .collect();
             let input = PlanInput {
                 node: &self.profile,
                 map: &inner.map,
@@ -238,7 +246,7 @@ impl Agent {
                 backlog: &flags,
                 demand: &inner.demand,
                 cfg: &self.cfg.pull,
-                now: common::clock::now(),
+                now,
             };
             let mut plan = plan_pulls(&input, &mut inner.rng);
             let empty = inner.ledger.unallocated() == *inner.ledger.capacity();

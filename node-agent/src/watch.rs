@@ -25,9 +25,12 @@ impl Agent {
         .await;
     }
 
-    /// Watches the cluster config, this zone's demand and, of every class this node may pull,
+    /// Follows the cluster config, this zone's demand and, of every class this node may pull,
     /// the one flag key its partition and election draw select
-    /// (`placement::subjects::node_config_keys`): a flag's other keys never reach it.
+    /// (`placement::subjects::node_config_keys`), on the subjects the config bucket
+    /// republishes them on (`bus::cluster::ClusterStore::follow_keys`): a flag's other keys
+    /// never reach it, and it holds no consumer. `follow` opens it again after a reconnect,
+    /// which reads every key again (core NATS does not replay what the node missed).
     async fn watch_cluster(&self) -> Result<BoxStream<'static, ClusterEvent>, BusError> {
         let mut empty = self.empty.subscribe();
         let keys = {
@@ -40,8 +43,8 @@ impl Agent {
                 *empty.borrow_and_update(),
             )
         };
-        let stream = self.bus.cluster.watch_keys(&keys).await?;
-        // the watch replays the current value of every key it covers; flags kept from before
+        let stream = self.bus.cluster.follow_keys(&keys).await?;
+        // the read brings the current value of every key it covers; flags kept from before
         // (another map's or kind's keys, or keys deleted while there was no watch) are stale
         self.lock().flags.clear();
         // the node filled or emptied: its keys are others, the watch ends and is opened again

@@ -38,6 +38,16 @@ pub const FLAG_BUCKETS: u8 = 8;
 /// oldest age and smallest waiting request, moves without its takers).
 pub const FLAG_REFRESH: Duration = Duration::from_secs(10);
 
+/// A node ignores a raised key that was not re-written for this long: three refreshes
+/// missed means its delete was lost on the way (a node hears its keys over core NATS,
+/// `bus::cluster::ClusterStore::follow_keys`) or no dispatcher sweeps any more.
+pub const FLAG_STALE_AFTER: Duration = Duration::from_secs(3 * FLAG_REFRESH.as_secs());
+
+/// Whether a node should still act on `flag` at `now` (see [`FLAG_STALE_AFTER`]).
+pub fn is_current(flag: &BacklogFlag, now: Timestamp) -> bool {
+    now.since(flag.updated_at) < FLAG_STALE_AFTER
+}
+
 /// Where one part of a flag is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlagSlot {
@@ -296,6 +306,21 @@ mod tests {
             tclass: TraitClassName::new("std").unwrap(),
             size,
         }
+    }
+
+    #[test]
+    fn a_key_not_rewritten_for_three_refreshes_is_not_acted_on() {
+        let mut f = flag(1, None);
+        f.updated_at = Timestamp(100_000);
+        let at = |ms: u64| Timestamp(100_000 + ms);
+        let stale_ms = crate::time::duration_ms(FLAG_STALE_AFTER);
+        assert!(is_current(&f, at(0)));
+        assert!(is_current(&f, at(stale_ms - 1)));
+        assert!(!is_current(&f, at(stale_ms)));
+        // a writer whose clock runs ahead: the flag is as fresh as can be
+        assert!(is_current(&f, Timestamp(1)));
+        // the refresh comes well before a key goes stale
+        assert!(FLAG_REFRESH * 2 < FLAG_STALE_AFTER);
     }
 
     fn flag(since: u64, parts: Option<Vec<PartitionTakers>>) -> BacklogFlag {

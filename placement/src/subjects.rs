@@ -192,6 +192,16 @@ pub fn demand_key(zone: &crate::ids::Zone) -> String {
     format!("demand.{zone}")
 }
 
+/// Core NATS subject on which [`CONFIG_BUCKET`] republishes every change of `key`: a node
+/// subscribes to its keys' subjects rather than holding a consumer on the bucket.
+pub fn config_change_subject(key: &str) -> String {
+    format!("{CONFIG_CHANGES}.{key}")
+}
+
+/// Root of the subjects [`CONFIG_BUCKET`] republishes its changes on
+/// ([`config_change_subject`]).
+pub const CONFIG_CHANGES: &str = "updraft.v1.config";
+
 /// Prefix of every demand key.
 pub const DEMAND_PREFIX: &str = "demand.";
 
