@@ -186,6 +186,9 @@ mod tests {
         assert!(p.contains("\"_INBOX_compute-0001.>\""));
         assert!(!p.contains("updraft.v1.req"), "agents never publish hints");
         assert!(!p.contains("\"$KV.UPDRAFT_NODES.*\""));
+        // its config keys come on the bucket's republished subjects, without a consumer
+        assert!(p.contains("\"updraft.v1.config.>\""));
+        assert!(!p.contains("CONSUMER.CREATE.KV_UPDRAFT_CONFIG"));
         let conf = accounts_conf(&[(n, "$PW".into())]);
         assert!(conf.contains("system_account: SYS"));
         assert!(conf.contains("agent-compute-0001"));

@@ -1,5 +1,5 @@
-//! Following a KV watch for as long as the agent runs: the loop the config watch and the
-//! command channel share.
+//! Following a stream of changes for as long as the agent runs: the loop the config keys
+//! (core NATS subscriptions) and the command channel (a KV watch) share.
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -18,9 +18,10 @@ impl Agent {
     /// Opens a watch with `open` and hands each of its events to `on`, until the agent is
     /// cancelled. The watch is opened again when it ends, when opening it fails (after
     /// [`REWATCH_AFTER`]), and as soon as the connection comes back after a drop: a restarted
-    /// server has lost the watch's consumer, and the client alone notices only after missed
-    /// heartbeats (15 to 25 s, `bus/tests/nats.rs`); and when `on` breaks (what to watch
-    /// changed). `what` names the watch in the logs.
+    /// server has lost a watch's consumer, and the client alone notices only after missed
+    /// heartbeats (15 to 25 s, `bus/tests/nats.rs`), and core NATS subscriptions missed what
+    /// was published while the connection was down (opening them again reads it); and when
+    /// `on` breaks (what to watch changed). `what` names the watch in the logs.
     pub(crate) async fn follow<E, F, Fut>(
         &self,
         what: &str,

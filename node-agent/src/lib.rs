@@ -19,8 +19,8 @@
 //! * `lease`: registration, renewal, self-fencing.
 //! * `commands`: deletes and admin state from the node's durable channel.
 //! * `reconcile`: ledger vs hypervisor.
-//! * `watch`: cluster config and backlog flags; `follow`: the re-watch loop it shares with
-//!   `commands`.
+//! * `watch`: cluster config and backlog flags, on the subjects the config bucket republishes
+//!   them on; `follow`: the loop that re-opens it, shared with `commands`.
 //! * `metrics`: metric names.
 
 pub mod agent;

@@ -1,5 +1,5 @@
 //! Follows the cluster config (shard map, limits), the zone's class demand and this node's
-//! keys of the backlog flags, in KV.
+//! keys of the backlog flags, on the core NATS subjects the config bucket republishes them on.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
