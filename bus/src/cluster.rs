@@ -155,6 +155,12 @@ impl ClusterStore {
         Ok(events(watch))
     }
 
+    /// Whether the bucket republishes its changes, as [`ClusterStore::follow_keys`] needs (a
+    /// dispatcher of this version sets it up at start; one from before did not).
+    pub async fn republishes(&self) -> Result<bool, BusError> {
+        self.kv.republishes().await
+    }
+
     /// Changes of `keys` only (`placement::subjects::node_config_keys`: a node's), starting
     /// with their current values, without a consumer: the bucket republishes every change on
     /// core NATS (`placement::subjects::config_change_subject`), so this subscribes to each

@@ -360,6 +360,16 @@ impl Kv {
         }
     }
 
+    /// Whether the bucket republishes its changes on core NATS (its stream's `republish`).
+    pub async fn republishes(&self) -> Result<bool, BusError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
+        Ok(info.config.republish.is_some())
+    }
+
     /// The bucket's entry lifetime (its stream's max age; zero: none).
     pub async fn max_age(&self) -> Result<std::time::Duration, BusError> {
         let info = self

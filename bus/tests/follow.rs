@@ -190,28 +190,26 @@ async fn a_follow_opened_while_a_key_changes_never_goes_back_nor_repeats() {
 async fn a_config_bucket_made_before_the_republish_gets_it_at_the_next_start() {
     testkit::trace_init();
     let server = testkit::nats();
-    let cfg = bus::NatsConfig {
-        url: server.url(),
-        ..Default::default()
-    };
-    let (client, _) = bus::connect(&cfg, "test").await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    // the bucket as an older dispatcher made it
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: CONFIG_BUCKET.into(),
-        history: 5,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let map = testkit::shard_map();
+    let first = testkit::bus_for(&server.url(), &map).await;
+    let js = first.js.clone();
+    // the bucket as an older dispatcher made it: no republish
+    let stream_name = format!("KV_{CONFIG_BUCKET}");
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.republish = None;
+    js.update_stream(config).await.unwrap();
+    // an agent of this version can tell (and says so at start)
+    let agent = bus::Bus::open(first.client.clone()).await.unwrap();
+    assert!(!agent.cluster.republishes().await.unwrap());
+    // a dispatcher of this version starts: the bucket republishes again
     let b = testkit::bus_for(&server.url(), &map).await;
-    let mut stream = js.get_stream(format!("KV_{CONFIG_BUCKET}")).await.unwrap();
+    assert!(agent.cluster.republishes().await.unwrap());
     let republish = stream.info().await.unwrap().config.republish.clone();
     assert!(republish.is_some(), "the config bucket does not republish");
     // and a follow hears changes on it
     let keys = vec![backlog_key(&class(0), slot(3))];
-    let mut follow = b.cluster.follow_keys(&keys).await.unwrap();
+    let mut follow = agent.cluster.follow_keys(&keys).await.unwrap();
     b.cluster.put_flag(slot(3), &flag(0, 7)).await.unwrap();
     assert_eq!(
         drain(&mut follow, Duration::from_millis(500)).await,

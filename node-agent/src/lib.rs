@@ -156,6 +156,13 @@ pub async fn start(
             .await
             .context("stopped while waiting for the cluster config")?;
     };
+    if let Ok(false) = bus.cluster.republishes().await {
+        // the node follows its config keys on the subjects a dispatcher of this version has
+        // the bucket republish them on; it hears them once one has started
+        tracing::error!(
+            "the config bucket does not republish its changes (its dispatchers are older than this agent): this node hears no change of the shard map or of the backlog flags until a dispatcher of this version starts; upgrade dispatchers before agents"
+        );
+    }
     let map = cluster.shard_map;
     let zone = match &cfg.zone {
         Some(z) => Zone::new(z.as_str())?,
