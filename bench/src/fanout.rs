@@ -55,15 +55,16 @@ pub struct FanoutResult {
     pub expected: u64,
     /// CPU with nothing written.
     pub idle: Cpu,
-    /// CPU while writing keys nobody watches (None for core NATS, where a publish nobody
-    /// subscribes to is not stored).
+    /// CPU while writing keys nobody hears (None for core NATS publishes, where a publish
+    /// nobody subscribes to is not stored).
     pub unwatched: Option<(u64, Cpu)>,
     /// CPU while writing the watched keys.
     pub busy: Cpu,
-    /// What a node pays to start hearing its keys, and the CPU while it did: over KV
-    /// watches, a watch of one node's keys opened, replayed and dropped (an agent watches
-    /// again when it fills or empties); over a republishing bucket, a read of one key. None
-    /// for plain core NATS.
+    /// What a node pays to start hearing its keys, and the CPU while it did: for the agents,
+    /// one node's keys subscribed, read in one batch and dropped (an agent follows again when
+    /// it fills or empties); for plain connections, a read of one key (republishing bucket)
+    /// or a watch of one key opened, replayed and dropped (KV watches). None for core NATS
+    /// publishes.
     pub joins: Option<(u64, Cpu)>,
 }
 
