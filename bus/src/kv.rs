@@ -360,33 +360,29 @@ impl Kv {
         }
     }
 
-    /// Whether the bucket republishes its changes on core NATS (its stream's `republish`).
-    pub async fn republishes(&self) -> Result<bool, BusError> {
-        let info = self
-            .stream
+    /// The bucket's stream as the server has it now (config and state).
+    async fn info(&self) -> Result<stream::Info, BusError> {
+        self.stream
             .get_info()
             .await
-            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
+            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))
+    }
+
+    /// Whether the bucket republishes its changes on core NATS (its stream's `republish`).
+    pub async fn republishes(&self) -> Result<bool, BusError> {
+        let info = self.info().await?;
         Ok(info.config.republish.is_some())
     }
 
     /// The bucket's entry lifetime (its stream's max age; zero: none).
     pub async fn max_age(&self) -> Result<std::time::Duration, BusError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
+        let info = self.info().await?;
         Ok(info.config.max_age)
     }
 
     /// True when the bucket holds no message at all.
     pub async fn snapshot_is_empty(&self) -> Result<bool, BusError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
+        let info = self.info().await?;
         Ok(info.state.messages == 0)
     }
 
@@ -395,12 +391,7 @@ impl Kv {
     pub async fn snapshot(&self, filter: &str) -> Result<Vec<(String, Bytes, u64)>, BusError> {
         // a watch over nothing never yields, so first ask whether anything matches
         let any = if filter == ">" {
-            let info = self
-                .stream
-                .get_info()
-                .await
-                .map_err(|e| BusError::nats(format!("info {}", self.bucket), e))?;
-            info.state.messages > 0
+            self.info().await?.state.messages > 0
         } else {
             let mut info = self
                 .stream
