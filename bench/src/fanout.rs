@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::time::Instant;
 
 use placement::flag_writes::{FLAG_BUCKETS, FlagSlot};
@@ -261,7 +263,7 @@ pub async fn agent_follows(
     // batch, and dropped
     let probe = placement::NodeId::new("fanout-probe")?;
     let keys = placement::subjects::node_config_keys(&map, &probe, &class.zone, &[], false);
-    let (rewatches, _) = at_rate(rate.min(100.0), window, |_| {
+    let (joins, _) = at_rate(rate.min(100.0), window, |_| {
         let (cluster, keys) = (d.bus.cluster.clone(), keys.clone());
         async move {
             match cluster.follow_keys(&keys).await {
@@ -290,7 +292,7 @@ pub async fn agent_follows(
         idle: since(c0, c1),
         unwatched: Some((unwatched, since(c1, c2))),
         busy: since(c2, c3),
-        joins: Some((rewatches, since(c3, c4))),
+        joins: Some((joins, since(c3, c4))),
     })
 }
 
@@ -310,7 +312,7 @@ pub enum Delivery {
 /// and a writer at `rate` for `secs` (`how`). With a bucket, a window of puts nobody hears
 /// prices the stored write, and a window of joins prices what a node pays to start hearing
 /// a key: one key read (republished), or a watch of one key opened, replayed and dropped.
-pub async fn core_subscriptions(
+pub async fn plain_connections(
     clients: usize,
     secs: u64,
     rate: f64,
@@ -345,29 +347,30 @@ pub async fn core_subscriptions(
         let c = async_nats::connect(&url).await?;
         let n = received.clone();
         let key = format!("k{}", i % 8);
-        if how == Delivery::KvWatch {
-            let mut watch = async_nats::jetstream::new(c.clone())
+        let mut heard: BoxStream<'static, ()> = match how {
+            Delivery::KvWatch => async_nats::jetstream::new(c.clone())
                 .get_key_value("FANOUT")
                 .await?
                 .watch(key)
-                .await?;
-            tasks.push(tokio::spawn(async move {
-                while futures::StreamExt::next(&mut watch).await.is_some() {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        } else {
-            let subject = match how {
-                Delivery::Republish => format!("fanout.r.{key}"),
-                _ => format!("fanout.{key}"),
-            };
-            let mut sub = c.subscribe(subject).await?;
-            tasks.push(tokio::spawn(async move {
-                while futures::StreamExt::next(&mut sub).await.is_some() {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
+                .await?
+                .map(|_| ())
+                .boxed(),
+            Delivery::Republish => c
+                .subscribe(format!("fanout.r.{key}"))
+                .await?
+                .map(|_| ())
+                .boxed(),
+            Delivery::Publish => c
+                .subscribe(format!("fanout.{key}"))
+                .await?
+                .map(|_| ())
+                .boxed(),
+        };
+        tasks.push(tokio::spawn(async move {
+            while heard.next().await.is_some() {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
         conns.push(c);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -398,29 +401,23 @@ pub async fn core_subscriptions(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (c3, r3) = (cpu_now(&broker), received.load(Ordering::Relaxed));
     // joins: what a node pays to start hearing one key
-    let joins = match how {
-        Delivery::Publish => None,
-        Delivery::Republish => {
-            let (n, _) = at_rate(rate, window, |i| {
-                let kv = kv.clone();
-                async move { kv.entry(format!("k{}", i % 8)).await.is_ok() }
-            })
-            .await;
-            Some((n, since(c3, cpu_now(&broker))))
-        }
-        Delivery::KvWatch => {
-            let (n, _) = at_rate(rate, window, |i| {
-                let kv = kv.clone();
-                async move {
-                    let Ok(mut w) = kv.watch_with_history(format!("k{}", i % 8)).await else {
-                        return false;
-                    };
-                    futures::StreamExt::next(&mut w).await.is_some()
+    let joins = if how == Delivery::Publish {
+        None
+    } else {
+        let (n, _) = at_rate(rate, window, |i| {
+            let (kv, key) = (kv.clone(), format!("k{}", i % 8));
+            async move {
+                if how == Delivery::Republish {
+                    return kv.entry(key).await.is_ok();
                 }
-            })
-            .await;
-            Some((n, since(c3, cpu_now(&broker))))
-        }
+                let Ok(mut w) = kv.watch_with_history(key).await else {
+                    return false;
+                };
+                w.next().await.is_some()
+            }
+        })
+        .await;
+        Some((n, since(c3, cpu_now(&broker))))
     };
     for t in tasks {
         t.abort();

@@ -422,7 +422,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 "a watch of one key opened, replayed and dropped",
             ),
         ] {
-            let f = fanout::core_subscriptions(k, secs, rate, how).await?;
+            let f = fanout::plain_connections(k, secs, rate, how).await?;
             eprintln!("fanout ({label}): {f:?}");
             notes.push(fanout_note(label, join, k, &f));
         }

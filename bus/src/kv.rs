@@ -26,7 +26,7 @@ pub const MULTI_LAST_MAX: usize = 256;
 /// How long a batch read waits for each of its replies.
 const BATCH_GET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Header of a direct get's reply (and of a republished message): the message's subject.
-pub(crate) const NATS_SUBJECT: &str = "Nats-Subject";
+const NATS_SUBJECT: &str = "Nats-Subject";
 /// Header of a direct get's reply (and of a republished message): its stream sequence.
 pub(crate) const NATS_SEQUENCE: &str = "Nats-Sequence";
 
