@@ -5,11 +5,14 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use placement::lifecycle::RequestRecord;
-use placement::subjects::{direct_get_subject, hint_msg_id, hint_subject, shard_stream};
+use placement::subjects::{
+    direct_get_subject, hint_msg_id, hint_subject, shard_keeper_subject, shard_stream,
+};
 use placement::wire::{Hint, RecordCopy, WIRE_VERSION, encode};
 use placement::{Lane, RequestId, ShardId, Timestamp};
 
 use crate::BusError;
+use crate::keeper::Keepers;
 
 /// Header carrying the request id, so a trace can follow a request through NATS.
 pub const REQUEST_ID_HEADER: &str = "updraft-request-id";
@@ -23,6 +26,7 @@ const ERR_MSG_ID_IN_PROCESS: &str = "10158";
 pub struct HintPublisher {
     js: jetstream::Context,
     client: async_nats::Client,
+    keepers: Keepers,
 }
 
 impl std::fmt::Debug for HintPublisher {
@@ -42,7 +46,11 @@ pub struct HintAck {
 
 impl HintPublisher {
     pub(crate) fn new(js: jetstream::Context, client: async_nats::Client) -> Self {
-        HintPublisher { js, client }
+        HintPublisher {
+            js,
+            client,
+            keepers: Keepers::default(),
+        }
     }
 
     /// Publishes the hint for `record`'s current attempt on `lane`; with the `revision` that
@@ -107,10 +115,15 @@ impl HintPublisher {
             .map_err(|e| BusError::nats(what(), e))?
             .await;
         match ack {
-            Ok(a) => Ok(HintAck {
-                sequence: a.sequence,
-                duplicate: a.duplicate,
-            }),
+            Ok(a) => {
+                if !a.duplicate {
+                    self.keep(&record.shard, a.sequence).await;
+                }
+                Ok(HintAck {
+                    sequence: a.sequence,
+                    duplicate: a.duplicate,
+                })
+            }
             Err(e)
                 if e.to_string().contains(ERR_MAX_MSGS)
                     || e.to_string().contains("maximum messages") =>
@@ -129,6 +142,32 @@ impl HintPublisher {
                 Err(BusError::Timeout { what: what() })
             }
             Err(e) => Err(BusError::nats(what(), e)),
+        }
+    }
+
+    /// Writes `shard`'s keeper when a hint stored at `seq` makes one due (`keeper`). Best
+    /// effort: a keeper that cannot be written costs broker CPU, never a request.
+    async fn keep(&self, shard: &ShardId, seq: u64) {
+        let stream = shard_stream(shard);
+        if !self.keepers.due(&stream, seq, tokio::time::Instant::now()) {
+            return;
+        }
+        let stored = match self
+            .js
+            .publish(shard_keeper_subject(shard), bytes::Bytes::new())
+            .await
+        {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(ack) => self
+                .keepers
+                .written(&stream, ack.sequence, tokio::time::Instant::now()),
+            Err(error) => {
+                tracing::debug!(stream, error, "shard keeper not written");
+                self.keepers.failed(&stream);
+            }
         }
     }
 

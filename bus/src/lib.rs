@@ -13,6 +13,7 @@
 //! * `commands`: per-node durable commands and admin state.
 //! * `cluster`: cluster config, backlog flags, affinity pins.
 //! * `hints`: publishing hints onto shard work queues.
+//! * `keeper`: when a shard stream is due the message that keeps its last block from emptying.
 //! * `puller`: a node's outstanding pulls on one subscription, and acks.
 //! * `timers`: durable timers on message schedules.
 //! * `permissions`: NATS users and subject permissions per role (`deploy/nats/accounts.conf`).
@@ -24,6 +25,7 @@ pub mod commands;
 pub mod connect;
 pub mod error;
 pub mod hints;
+pub mod keeper;
 pub mod kv;
 pub mod nodes;
 pub mod permissions;

@@ -1,8 +1,10 @@
 //! Shard status for operators: depth, age of the oldest hint, waiting pulls and acks pending,
-//! read from stream and consumer info (never from a second consumer).
+//! read from stream and consumer info and direct gets (never from a second consumer). The
+//! shard's keeper (`keeper`) is stored with the hints and counted out.
 
 use async_nats::jetstream;
-use placement::subjects::{shard_consumer, shard_stream};
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use placement::subjects::{shard_consumer, shard_hints_filter, shard_keeper_subject, shard_stream};
 use placement::{Lane, ShardId};
 use serde::{Deserialize, Serialize};
 
@@ -73,19 +75,47 @@ pub async fn shard_status(
         .get_info()
         .await
         .map_err(|e| BusError::nats(format!("stream info {name}"), e))?;
-    let state = &info.state;
-    let oldest_age_ms = (state.messages > 0).then(|| {
-        let first_ms =
-            u64::try_from(state.first_timestamp.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let state = info.state.clone();
+    let keeper = found(
+        stream
+            .direct_get_last_for_subject(shard_keeper_subject(shard))
+            .await,
+        &name,
+    )?;
+    let messages = state.messages.saturating_sub(u64::from(keeper.is_some()));
+    let oldest = if messages == 0 {
+        None
+    } else {
+        found(
+            stream
+                .direct_get_next_for_subject(shard_hints_filter(shard), Some(state.first_sequence))
+                .await,
+            &name,
+        )?
+    };
+    let oldest_age_ms = oldest.map(|m| {
+        let first_ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         now_ms.saturating_sub(first_ms)
     });
     Ok(ShardStatus {
         shard: shard.clone(),
         stream: name,
-        messages: state.messages,
+        messages,
         bytes: state.bytes,
         oldest_age_ms,
         fit: lane(&mut stream, shard, Lane::Fit).await?,
         spill: lane(&mut stream, shard, Lane::Spill).await?,
     })
+}
+
+/// A direct get's message, `None` where there is none.
+fn found(
+    got: Result<jetstream::message::StreamMessage, jetstream::stream::DirectGetError>,
+    stream: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, BusError> {
+    match got {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BusError::nats(format!("direct get from {stream}"), e)),
+    }
 }

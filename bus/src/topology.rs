@@ -275,7 +275,8 @@ impl Bus {
                 storage: stream::StorageType::File,
                 num_replicas: cfg.replicas,
                 discard: stream::DiscardPolicy::New,
-                max_messages: cfg.max_hints_per_shard,
+                // and the shard's keeper (`keeper`)
+                max_messages: cfg.max_hints_per_shard.saturating_add(1),
                 max_bytes: cfg.max_bytes_per_shard,
                 max_messages_per_subject: 1,
                 duplicate_window: cfg.duplicate_window,
