@@ -229,6 +229,20 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
     if std::env::var_os("UPDRAFT_BENCH_DEBUG").is_some() {
         let mut slow: Vec<&RequestRecord> = recs.iter().filter(|r| r.active_at.is_some()).collect();
         slow.sort_by_key(|r| std::cmp::Reverse(r.active_at.map(|a| a.since(r.queued_at))));
+        // when the slow ones were submitted: a stall shows as a cluster of 100 ms slots
+        let t_first = recs.iter().map(|r| r.queued_at).min();
+        let mut slow_by_slot: BTreeMap<u128, u32> = BTreeMap::new();
+        for r in &recs {
+            let claimed = r.history.iter().find(|h| h.to == State::Claimed);
+            if let (Some(t0), Some(c)) = (t_first, claimed)
+                && c.at.since(r.queued_at) > Duration::from_millis(10)
+            {
+                *slow_by_slot
+                    .entry(r.queued_at.since(t0).as_millis() / 100)
+                    .or_default() += 1;
+            }
+        }
+        eprintln!("claimed after over 10 ms, by 100 ms slot of submission: {slow_by_slot:?}");
         for r in slow.iter().take(5) {
             eprintln!(
                 "slow {}: {:?} {:?}",
