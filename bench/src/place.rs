@@ -242,7 +242,10 @@ pub async fn run(c: &Cluster, node: &Resources, opts: &PlaceOpts) -> anyhow::Res
                     .or_default() += 1;
             }
         }
-        eprintln!("claimed after over 10 ms, by 100 ms slot of submission: {slow_by_slot:?}");
+        eprintln!(
+            "claimed after over 10 ms, by 100 ms slot of submission from {} ms (wall): {slow_by_slot:?}",
+            t_first.map_or(0, |t| t.0)
+        );
         for r in slow.iter().take(5) {
             eprintln!(
                 "slow {}: {:?} {:?}",
