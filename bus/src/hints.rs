@@ -148,8 +148,7 @@ impl HintPublisher {
     /// Writes `shard`'s keeper when a hint stored at `seq` makes one due (`keeper`). Best
     /// effort: a keeper that cannot be written costs broker CPU, never a request.
     async fn keep(&self, shard: &ShardId, seq: u64) {
-        let stream = shard_stream(shard);
-        if !self.keepers.due(&stream, seq, tokio::time::Instant::now()) {
+        if !self.keepers.due(shard, seq, tokio::time::Instant::now()) {
             return;
         }
         let stored = match self
@@ -163,10 +162,10 @@ impl HintPublisher {
         match stored {
             Ok(ack) => self
                 .keepers
-                .written(&stream, ack.sequence, tokio::time::Instant::now()),
+                .written(shard, ack.sequence, tokio::time::Instant::now()),
             Err(error) => {
-                tracing::debug!(stream, error, "shard keeper not written");
-                self.keepers.failed(&stream);
+                tracing::debug!(%shard, error, "shard keeper not written");
+                self.keepers.failed(shard);
             }
         }
     }

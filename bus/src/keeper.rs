@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use placement::ShardId;
 use tokio::time::Instant;
 
 /// Stream sequences between keepers: a new block holds about 13,000 hints of 1.2 KiB, so a
@@ -28,39 +29,39 @@ struct Kept {
     at: Instant,
 }
 
-/// Which shard streams are due a keeper, as seen by one publisher.
+/// Which shards are due a keeper, as seen by one publisher.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Keepers {
-    kept: Arc<Mutex<HashMap<String, Kept>>>,
+    kept: Arc<Mutex<HashMap<ShardId, Kept>>>,
 }
 
 impl Keepers {
-    /// A hint was stored at `seq` on `stream`: true when the caller should write a keeper now
-    /// (and then call [`Keepers::written`] or [`Keepers::failed`]). Only one caller is told
-    /// so while a keeper is being written.
-    pub(crate) fn due(&self, stream: &str, seq: u64, now: Instant) -> bool {
+    /// A hint was stored at `seq` on `shard`'s stream: true when the caller should write a
+    /// keeper now (and then call [`Keepers::written`] or [`Keepers::failed`]). Only one caller
+    /// is told so while a keeper is being written.
+    pub(crate) fn due(&self, shard: &ShardId, seq: u64, now: Instant) -> bool {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let due = match kept.get(stream) {
+        let due = match kept.get(shard) {
             None => true,
             Some(k) if k.seq == 0 => false,
             Some(k) => seq >= k.seq + KEEP_EVERY || now.duration_since(k.at) >= KEEP_AT_MOST,
         };
         if due {
-            kept.insert(stream.to_string(), Kept { seq: 0, at: now });
+            kept.insert(shard.clone(), Kept { seq: 0, at: now });
         }
         due
     }
 
-    /// The keeper of `stream` was stored at `seq`.
-    pub(crate) fn written(&self, stream: &str, seq: u64, now: Instant) {
+    /// The keeper of `shard` was stored at `seq`.
+    pub(crate) fn written(&self, shard: &ShardId, seq: u64, now: Instant) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.insert(stream.to_string(), Kept { seq, at: now });
+        kept.insert(shard.clone(), Kept { seq, at: now });
     }
 
-    /// Writing the keeper of `stream` failed: the next hint tries again.
-    pub(crate) fn failed(&self, stream: &str) {
+    /// Writing the keeper of `shard` failed: the next hint tries again.
+    pub(crate) fn failed(&self, shard: &ShardId) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.remove(stream);
+        kept.remove(shard);
     }
 }
 
@@ -68,31 +69,40 @@ impl Keepers {
 mod tests {
     use super::*;
 
+    fn shard(part: u16) -> ShardId {
+        ShardId {
+            zone: placement::Zone::new("az1").expect("zone"),
+            tclass: placement::ids::TraitClassName::new("std").expect("trait class"),
+            size: 3,
+            part,
+        }
+    }
+
     #[test]
     fn a_keeper_is_due_first_then_every_keep_every_sequences_or_hour() {
-        let k = Keepers::default();
+        let (k, s) = (Keepers::default(), shard(0));
         let t0 = Instant::now();
-        assert!(k.due("S", 1, t0));
+        assert!(k.due(&s, 1, t0));
         // while it is being written nobody else writes one
-        assert!(!k.due("S", 2, t0));
-        k.written("S", 3, t0);
-        assert!(!k.due("S", 4, t0));
-        assert!(!k.due("S", 3 + KEEP_EVERY - 1, t0));
-        assert!(k.due("S", 3 + KEEP_EVERY, t0));
-        k.written("S", 3 + KEEP_EVERY + 1, t0);
+        assert!(!k.due(&s, 2, t0));
+        k.written(&s, 3, t0);
+        assert!(!k.due(&s, 4, t0));
+        assert!(!k.due(&s, 3 + KEEP_EVERY - 1, t0));
+        assert!(k.due(&s, 3 + KEEP_EVERY, t0));
+        k.written(&s, 3 + KEEP_EVERY + 1, t0);
         // a quiet shard gets one before the stream's max_age expires the last
-        assert!(!k.due("S", 3 + KEEP_EVERY + 2, t0 + KEEP_AT_MOST / 2));
-        assert!(k.due("S", 3 + KEEP_EVERY + 2, t0 + KEEP_AT_MOST));
+        assert!(!k.due(&s, 3 + KEEP_EVERY + 2, t0 + KEEP_AT_MOST / 2));
+        assert!(k.due(&s, 3 + KEEP_EVERY + 2, t0 + KEEP_AT_MOST));
         // streams are apart
-        assert!(k.due("T", 1, t0));
+        assert!(k.due(&shard(1), 1, t0));
     }
 
     #[test]
     fn a_failed_keeper_is_due_again() {
-        let k = Keepers::default();
+        let (k, s) = (Keepers::default(), shard(0));
         let t0 = Instant::now();
-        assert!(k.due("S", 1, t0));
-        k.failed("S");
-        assert!(k.due("S", 2, t0));
+        assert!(k.due(&s, 1, t0));
+        k.failed(&s);
+        assert!(k.due(&s, 2, t0));
     }
 }

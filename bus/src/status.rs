@@ -75,7 +75,7 @@ pub async fn shard_status(
         .get_info()
         .await
         .map_err(|e| BusError::nats(format!("stream info {name}"), e))?;
-    let state = info.state.clone();
+    let state = &info.state;
     let keeper = found(
         stream
             .direct_get_last_for_subject(shard_keeper_subject(shard))
