@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use placement::subjects::kv_subject;
+use placement::subjects::{direct_get_subject, kv_stream, kv_subject};
 
 use crate::BusError;
 
@@ -91,7 +91,7 @@ impl Kv {
             }
         })?;
         let stream = js
-            .get_stream(format!("KV_{bucket}"))
+            .get_stream(kv_stream(bucket))
             .await
             .map_err(|e| BusError::nats(format!("bind KV stream of {bucket}"), e))?;
         Ok(Kv {
@@ -202,7 +202,7 @@ impl Kv {
                 .map_err(|e| BusError::nats(what(), e))?;
             client
                 .publish_with_reply(
-                    format!("$JS.API.DIRECT.GET.KV_{}", self.bucket),
+                    direct_get_subject(&kv_stream(&self.bucket)),
                     inbox,
                     body.into(),
                 )

@@ -17,6 +17,7 @@
 use placement::NodeId;
 use placement::subjects::{
     COMMANDS_BUCKET, CONFIG_BUCKET, CONFIG_CHANGES, NODES_BUCKET, REQUESTS_BUCKET, TIMERS_STREAM,
+    kv_stream,
 };
 
 /// The account every updraft user belongs to.
@@ -34,7 +35,7 @@ fn list(items: &[String]) -> String {
 
 /// The permission block of the agent of `node`.
 pub fn agent_permissions(node: &NodeId) -> String {
-    let kv = |b: &str| format!("KV_{b}");
+    let kv = kv_stream;
     let publish = vec![
         "$JS.API.INFO".to_string(),
         "$JS.API.STREAM.INFO.>".to_string(),

@@ -14,8 +14,8 @@ use async_nats::jetstream::{
 };
 use placement::subjects::{
     COMMANDS_BUCKET, CONFIG_BUCKET, CONFIG_CHANGES, NODES_BUCKET, PRIORITY_GROUP, REQUESTS_BUCKET,
-    TIMER_FIRE_FILTER, TIMER_SUBJECTS, TIMERS_CONSUMER, TIMERS_STREAM, kv_subject, lane_filter,
-    shard_consumer, shard_stream, shard_stream_subjects,
+    TIMER_FIRE_FILTER, TIMER_SUBJECTS, TIMERS_CONSUMER, TIMERS_STREAM, kv_stream, kv_subject,
+    lane_filter, shard_consumer, shard_stream, shard_stream_subjects,
 };
 use placement::{Lane, ShardId, ShardMap};
 use serde::{Deserialize, Serialize};
@@ -193,7 +193,7 @@ impl Bus {
         )
         .await?;
         for name in [COMMANDS_BUCKET, CONFIG_BUCKET] {
-            ensure_max_consumers(&js, &format!("KV_{name}"), cfg.max_node_watches).await?;
+            ensure_max_consumers(&js, &kv_stream(name), cfg.max_node_watches).await?;
         }
         let timers = js
             .create_or_update_stream(stream::Config {

@@ -79,6 +79,11 @@ pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
 }
 
+/// The stream behind a KV bucket (`KV_<bucket>`).
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
 /// The JetStream API subject of a direct get on a stream.
 pub fn direct_get_subject(stream: &str) -> String {
     format!("$JS.API.DIRECT.GET.{stream}")
@@ -298,6 +303,11 @@ mod tests {
         assert_eq!(
             kv_subject(REQUESTS_BUCKET, "abc"),
             "$KV.UPDRAFT_REQUESTS.abc"
+        );
+        assert_eq!(kv_stream(REQUESTS_BUCKET), "KV_UPDRAFT_REQUESTS");
+        assert_eq!(
+            direct_get_subject(&kv_stream(CONFIG_BUCKET)),
+            "$JS.API.DIRECT.GET.KV_UPDRAFT_CONFIG"
         );
         assert_eq!(shard_stream(&s), "UPDRAFT_REQ_US-EAST-1A_STD_S03_P1");
         assert_eq!(
