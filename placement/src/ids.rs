@@ -188,8 +188,13 @@ impl fmt::Display for ClaimToken {
     }
 }
 
-/// 64-bit FNV-1a: a stable hash for routing and elections. Rust's default hasher is seeded per
-/// process, which would make partitions differ between a dispatcher and a node.
+/// A stable hash for routing and elections: XXH3 (64 bits, seed 0) over the parts, each
+/// followed by a separator byte. Rust's default hasher is seeded per process, which would make
+/// partitions differ between a dispatcher and a node; XXH3 is specified, so every build and
+/// platform agrees. Its bits are all well mixed: partitions, opening tiers and election draws
+/// take different residues of hashes of the same node id, which must not depend on each other
+/// (the FNV-1a used before kept the low bits of its input, so a node's partition and its tier
+/// agreed in their lowest bit).
 pub fn stable_hash(parts: &[&[u8]]) -> u64 {
     let mut h = StableHasher::default();
     for part in parts {
@@ -199,35 +204,71 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
     h.finish()
 }
 
+/// Bytes a [`StableHasher`] holds before it hashes as a stream (ids and class names fit).
+const INLINE: usize = 128;
+
 /// [`stable_hash`] fed piece by piece: a part may be written in several pieces (or through
-/// `fmt::Write`) without building it first.
-#[derive(Debug, Clone, Copy)]
-pub struct StableHasher(u64);
+/// `fmt::Write`) without building it first. Short inputs (every id and class key) are hashed
+/// in one call at the end, which for XXH3 is several times faster than its streaming state;
+/// longer ones go through the streaming state, which gives the same hash.
+#[derive(Clone)]
+pub struct StableHasher {
+    inline: [u8; INLINE],
+    len: usize,
+    stream: Option<Box<xxhash_rust::xxh3::Xxh3>>,
+}
+
+impl fmt::Debug for StableHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StableHasher").field(&self.finish()).finish()
+    }
+}
 
 impl Default for StableHasher {
     fn default() -> Self {
-        StableHasher(0xcbf2_9ce4_8422_2325)
+        StableHasher {
+            inline: [0; INLINE],
+            len: 0,
+            stream: None,
+        }
     }
 }
+
+/// Ends a part, so ("ab", "c") and ("a", "bc") differ.
+const PART_END: u8 = 0xff;
 
 impl StableHasher {
     /// Feeds bytes of the current part.
     pub fn bytes(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        if let Some(s) = &mut self.stream {
+            s.update(bytes);
+            return;
+        }
+        match self.inline.get_mut(self.len..self.len + bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => {
+                let mut s = Box::new(xxhash_rust::xxh3::Xxh3::new());
+                s.update(&self.inline[..self.len]);
+                s.update(bytes);
+                self.stream = Some(s);
+            }
         }
     }
 
-    /// Ends the current part (a separator, so ("ab", "c") and ("a", "bc") differ).
+    /// Ends the current part.
     pub fn end_part(&mut self) {
-        self.0 ^= 0xff;
-        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        self.bytes(&[PART_END]);
     }
 
     /// The hash.
-    pub fn finish(self) -> u64 {
-        self.0
+    pub fn finish(&self) -> u64 {
+        match &self.stream {
+            Some(s) => s.digest(),
+            None => xxhash_rust::xxh3::xxh3_64(&self.inline[..self.len]),
+        }
     }
 }
 
@@ -304,7 +345,50 @@ mod tests {
     fn stable_hash_is_stable_and_separates_parts() {
         assert_eq!(stable_hash(&[b"abc"]), stable_hash(&[b"abc"]));
         assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
-        // pinned: a change here would re-partition every running cluster
-        assert_eq!(stable_hash(&[b"node-1"]), 5_399_123_111_317_995_764);
+        // pinned: XXH3-64 (seed 0) of "node-1" and the separator, as any XXH3 implementation
+        // computes it; a change here would re-partition every running cluster
+        assert_eq!(stable_hash(&[b"node-1"]), 16_206_767_058_909_742_176);
+    }
+
+    /// Past the inline buffer the hasher streams; the hash is the same either way.
+    #[test]
+    fn long_inputs_hash_as_their_bytes() {
+        let long = vec![b'x'; 300];
+        let mut whole = long.clone();
+        whole.push(0xff);
+        assert_eq!(
+            stable_hash(&[&long]),
+            xxhash_rust::xxh3::xxh3_64(&whole),
+            "one long part"
+        );
+        let mut pieces = StableHasher::default();
+        for chunk in long.chunks(7) {
+            pieces.bytes(chunk);
+        }
+        pieces.end_part();
+        assert_eq!(pieces.finish(), stable_hash(&[&long]), "fed in pieces");
+    }
+
+    /// A node's partition (its id and a size) and its opening tier ("open-tier" and its id) are
+    /// residues of different hashes of the same id: they must be independent, or the nodes of
+    /// one tier all fall in the same partitions. FNV-1a kept the lowest bit of its input, so
+    /// with two partitions and four tiers every tier-0 node was in partition 1.
+    #[test]
+    fn residues_of_hashes_of_one_id_are_independent() {
+        let mut cells = [[0u32; 2]; 4];
+        for i in 0..4000 {
+            let id = format!("n{i:06}");
+            let tier = stable_hash(&[b"open-tier", id.as_bytes()]) % 4;
+            let part = stable_hash(&[id.as_bytes(), &[14]]) % 2;
+            cells[tier as usize][part as usize] += 1;
+        }
+        for (tier, row) in cells.iter().enumerate() {
+            for (part, n) in row.iter().enumerate() {
+                assert!(
+                    (400..=600).contains(n),
+                    "tier {tier}, partition {part}: {n} of 4000"
+                );
+            }
+        }
     }
 }
