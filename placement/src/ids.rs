@@ -208,9 +208,10 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
 const INLINE: usize = 128;
 
 /// [`stable_hash`] fed piece by piece: a part may be written in several pieces (or through
-/// `fmt::Write`) without building it first. Short inputs (every id and class key) are hashed
-/// in one call at the end, which for XXH3 is several times faster than its streaming state;
-/// longer ones go through the streaming state, which gives the same hash.
+/// `fmt::Write`) without building it first. Short inputs (every id and class key) are kept
+/// and hashed in one call at the end, with no streaming state to set up (the hash runs on
+/// every re-plan of every node); longer ones go through XXH3's streaming state, which gives
+/// the same hash.
 #[derive(Clone)]
 pub struct StableHasher {
     inline: [u8; INLINE],
