@@ -25,7 +25,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::json;
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::updraft::UpdraftConfig;
-use sim::workload::WorkloadSpec;
+use sim::workload::{TickArrivals, WorkloadSpec};
 
 /// One request of the workload: (arrival s, lifetime s, vCPUs, memory MiB).
 type Row = (u64, u64, u32, u64);
@@ -111,7 +111,13 @@ fn simulate(
     cfg.sample_every = 1000;
     cfg.sweep_every = u64::try_from(dispatcher.sweep_interval.as_millis()).unwrap();
     cfg.flag_after = u64::try_from(dispatcher.flag_after.as_millis()).unwrap();
-    let wl = WorkloadSpec::Trace { path, limit: None }.open().unwrap();
+    let wl = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    }
+    .open()
+    .unwrap();
     let r = sim::updraft::run(cluster.nodes().unwrap(), wl, &cfg).unwrap();
     Outcome {
         peak_hosts: r.peak_hosts,

@@ -27,6 +27,9 @@ pub struct TraceRow {
     pub disk_gib: u64,
     /// Still running when the trace ends (its lifetime is the time left).
     pub censored: bool,
+    /// The VMs one tenant created in one tick share it (Azure `batch_id`; the simple format
+    /// has none).
+    pub batch: Option<u64>,
 }
 
 /// The line format of a trace.
@@ -49,6 +52,15 @@ pub struct TraceError {
 }
 
 impl TraceFormat {
+    /// The resolution of the format's arrival stamps, in seconds: the Azure trace stamps a VM
+    /// with the 5-minute tick it was created in; the simple format with its second.
+    pub fn tick_s(self) -> u64 {
+        match self {
+            TraceFormat::Azure => 300,
+            TraceFormat::Simple => 1,
+        }
+    }
+
     /// Picks the format from a file's first line.
     pub fn detect(first_line: &str) -> TraceFormat {
         if first_line.trim() == AZURE_HEADER {
@@ -75,9 +87,9 @@ impl TraceFormat {
                 .parse::<u64>()
                 .map_err(|e| err(format!("{name}: {e}")))
         };
-        let (need, censored, disk) = match self {
-            TraceFormat::Azure => (7, num(4, "censored")? == 1, 0),
-            TraceFormat::Simple => (4, false, if f.len() > 4 { num(4, "disk_gib")? } else { 0 }),
+        let need = match self {
+            TraceFormat::Azure => 7,
+            TraceFormat::Simple => 4,
         };
         if f.len() < need {
             return Err(err(format!(
@@ -85,6 +97,14 @@ impl TraceFormat {
                 f.len()
             )));
         }
+        let (censored, disk, batch) = match self {
+            TraceFormat::Azure => (num(4, "censored")? == 1, 0, Some(num(6, "batch_id")?)),
+            TraceFormat::Simple => (
+                false,
+                if f.len() > 4 { num(4, "disk_gib")? } else { 0 },
+                None,
+            ),
+        };
         let vcpus = u32::try_from(num(2, "vcpus")?).map_err(|_| err("vcpus: too large".into()))?;
         Ok(Some(TraceRow {
             arrival_s: num(0, "arrival_s")?,
@@ -93,6 +113,7 @@ impl TraceFormat {
             memory_mib: num(3, "memory_mib")?,
             disk_gib: disk,
             censored,
+            batch,
         }))
     }
 }
@@ -115,7 +136,8 @@ mod tests {
                 vcpus: 8,
                 memory_mib: 14336,
                 disk_gib: 0,
-                censored: false
+                censored: false,
+                batch: Some(12)
             }
         );
         assert!(
@@ -128,6 +150,8 @@ mod tests {
         assert_eq!(e.line, 4);
         assert!(e.message.starts_with("lifetime_s"), "{e}");
         assert!(f.parse(5, "1,2,3").is_err());
+        let e = f.parse(6, "300,900,8,14336,0,3,x").unwrap_err();
+        assert!(e.message.starts_with("batch_id"), "{e}");
     }
 
     #[test]
@@ -137,7 +161,7 @@ mod tests {
         assert_eq!(f.parse(1, "# a comment"), Ok(None));
         assert_eq!(f.parse(2, "   "), Ok(None));
         let r = f.parse(3, "10, 60, 2, 4096, 40 # web").unwrap().unwrap();
-        assert_eq!((r.arrival_s, r.disk_gib), (10, 40));
+        assert_eq!((r.arrival_s, r.disk_gib, r.batch), (10, 40, None));
         assert!(f.parse(4, "10,60,-2,4096").is_err());
     }
 }

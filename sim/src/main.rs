@@ -18,7 +18,7 @@ use sim::central::{self, CentralConfig, DecisionCost};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
 use sim::updraft::{self, UpdraftConfig};
-use sim::workload::{Arrivals, Mix, SyntheticSpec, WorkloadSpec};
+use sim::workload::{Arrivals, Mix, SyntheticSpec, TickArrivals, WorkloadSpec};
 use sim::{PolicyKind, plan, report};
 
 /// The simulator allocates and frees many small values per event (plans, intents, shard ids);
@@ -100,6 +100,13 @@ impl From<OrderArg> for PullOrder {
     }
 }
 
+/// `--tick-arrivals`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TickArg {
+    Spread,
+    Instant,
+}
+
 #[derive(Debug, Clone, Args)]
 struct Common {
     /// A trace (Azure 2017 CSV or the simple format; `.gz` is fine).
@@ -108,6 +115,11 @@ struct Common {
     /// At most this many requests of the trace.
     #[arg(long)]
     limit: Option<u64>,
+    /// Trace: how the VMs stamped with one tick arrive (the Azure trace stamps each with its
+    /// 5-minute tick). `spread`: at seeded uniform times over the tick, a batch (one tenant's
+    /// VMs of that tick) together; `instant`: every VM of the tick in the same instant.
+    #[arg(long, value_enum, default_value = "spread")]
+    tick_arrivals: TickArg,
     /// Use the synthetic generator instead of a trace.
     #[arg(long)]
     synthetic: bool,
@@ -210,6 +222,10 @@ impl Common {
             return Ok(WorkloadSpec::Trace {
                 path: path.clone(),
                 limit: self.limit,
+                ticks: match self.tick_arrivals {
+                    TickArg::Spread => TickArrivals::Spread { seed: self.seed },
+                    TickArg::Instant => TickArrivals::Instant,
+                },
             });
         }
         if !self.synthetic {

@@ -113,6 +113,7 @@ mod tests {
         let spec = WorkloadSpec::Trace {
             path: p,
             limit: None,
+            ticks: crate::workload::TickArrivals::Instant,
         };
         assert_eq!(
             lower_bound(&spec, &Resources::new(64, 16384, 0)).unwrap(),

@@ -60,6 +60,21 @@ pub enum WorkloadError {
     },
 }
 
+/// How the VMs a trace stamps with one tick are replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum TickArrivals {
+    /// Each at its stamp, in file order: every VM of a tick in the same instant (the Azure
+    /// trace's hundreds at once: the worst case for any scheduler, and not what happened).
+    Instant,
+    /// At seeded uniform times inside its tick (up to the next stamp, so the order of ticks
+    /// holds), the VMs of one batch (Azure `batch_id`: one tenant's, created together) at the
+    /// same instant.
+    Spread {
+        /// Seeds the draws.
+        seed: u64,
+    },
+}
+
 /// Streams a trace file.
 pub struct TraceReader {
     path: PathBuf,
@@ -67,8 +82,14 @@ pub struct TraceReader {
     format: Option<TraceFormat>,
     line: usize,
     seq: u64,
-    last_at: Millis,
+    last_s: u64,
     limit: Option<u64>,
+    /// With `TickArrivals::Spread`, the draws.
+    spread: Option<ChaCha8Rng>,
+    /// The current tick's arrivals, in time order, not yet handed out (`seq` is set as each is).
+    ready: std::collections::VecDeque<Arrival>,
+    /// The first row of the next tick, read while looking for the end of this one.
+    carry: Option<TraceRow>,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -82,7 +103,11 @@ impl std::fmt::Debug for TraceReader {
 
 impl TraceReader {
     /// Opens `path` (`.gz` is decompressed on the fly); at most `limit` arrivals.
-    pub fn open(path: &Path, limit: Option<u64>) -> Result<TraceReader, WorkloadError> {
+    pub fn open(
+        path: &Path,
+        limit: Option<u64>,
+        ticks: TickArrivals,
+    ) -> Result<TraceReader, WorkloadError> {
         let file = File::open(path).map_err(|source| WorkloadError::Io {
             path: path.to_path_buf(),
             source,
@@ -98,8 +123,16 @@ impl TraceReader {
             format: None,
             line: 0,
             seq: 0,
-            last_at: 0,
+            last_s: 0,
             limit,
+            spread: match ticks {
+                TickArrivals::Instant => None,
+                TickArrivals::Spread { seed } => {
+                    Some(ChaCha8Rng::seed_from_u64(seed ^ 0x7469_636b_7370_7264))
+                }
+            },
+            ready: std::collections::VecDeque::new(),
+            carry: None,
         })
     }
 
@@ -119,7 +152,17 @@ impl TraceReader {
                 .format
                 .get_or_insert_with(|| TraceFormat::detect(&text));
             match format.parse(self.line, &text) {
-                Ok(Some(r)) => return Some(Ok(r)),
+                Ok(Some(r)) if r.arrival_s < self.last_s => {
+                    return Some(Err(WorkloadError::Unsorted {
+                        path: self.path.clone(),
+                        line: self.line,
+                        at_s: r.arrival_s,
+                    }));
+                }
+                Ok(Some(r)) => {
+                    self.last_s = r.arrival_s;
+                    return Some(Ok(r));
+                }
                 Ok(None) => continue,
                 Err(source) => {
                     return Some(Err(WorkloadError::Parse {
@@ -132,6 +175,74 @@ impl TraceReader {
     }
 }
 
+impl TraceReader {
+    /// Reads the next tick (every row with the next stamp) into `ready`, each VM at its drawn
+    /// time; `None` at the end of the file.
+    fn read_tick(&mut self) -> Option<Result<(), WorkloadError>> {
+        let first = match self.carry.take() {
+            Some(r) => r,
+            None => match self.row()? {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let mut rows = vec![first];
+        let next_s = loop {
+            match self.row() {
+                None => break None,
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok(r)) if r.arrival_s == first.arrival_s => rows.push(r),
+                Some(Ok(r)) => {
+                    let s = r.arrival_s;
+                    self.carry = Some(r);
+                    break Some(s);
+                }
+            }
+        };
+        let tick_s = self.format.map_or(1, TraceFormat::tick_s);
+        let end_s = next_s.map_or(first.arrival_s + tick_s, |n| {
+            n.min(first.arrival_s + tick_s)
+        });
+        let width = end_s
+            .saturating_sub(first.arrival_s)
+            .saturating_mul(1000)
+            .max(1);
+        let start = first.arrival_s.saturating_mul(1000);
+        let mut batches: std::collections::HashMap<u64, Millis> = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let at = match self.spread.as_mut() {
+                None => start,
+                Some(rng) => match row.batch {
+                    Some(b) => *batches
+                        .entry(b)
+                        .or_insert_with(|| start + rng.random_range(0..width)),
+                    None => start + rng.random_range(0..width),
+                },
+            };
+            out.push(arrival(&row, at));
+        }
+        out.sort_by_key(|a| a.at);
+        self.ready.extend(out);
+        Some(Ok(()))
+    }
+}
+
+/// A trace row as an arrival at `at` (its `seq` is set when it is handed out).
+fn arrival(row: &TraceRow, at: Millis) -> Arrival {
+    Arrival {
+        seq: 0,
+        at,
+        // a VM created and deleted within one 5-minute tick: give it half a tick
+        lifetime: if row.lifetime_s == 0 {
+            150_000
+        } else {
+            row.lifetime_s.saturating_mul(1000)
+        },
+        resources: Resources::new(row.vcpus, row.memory_mib, row.disk_gib),
+    }
+}
+
 impl Iterator for TraceReader {
     type Item = Result<Arrival, WorkloadError>;
 
@@ -139,30 +250,13 @@ impl Iterator for TraceReader {
         if self.limit.is_some_and(|l| self.seq >= l) {
             return None;
         }
-        let row = match self.row()? {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
-        };
-        let at = row.arrival_s.saturating_mul(1000);
-        if at < self.last_at {
-            return Some(Err(WorkloadError::Unsorted {
-                path: self.path.clone(),
-                line: self.line,
-                at_s: row.arrival_s,
-            }));
+        if self.ready.is_empty()
+            && let Err(e) = self.read_tick()?
+        {
+            return Some(Err(e));
         }
-        self.last_at = at;
-        let a = Arrival {
-            seq: self.seq,
-            at,
-            // a VM created and deleted within one 5-minute tick: give it half a tick
-            lifetime: if row.lifetime_s == 0 {
-                150_000
-            } else {
-                row.lifetime_s.saturating_mul(1000)
-            },
-            resources: Resources::new(row.vcpus, row.memory_mib, row.disk_gib),
-        };
+        let mut a = self.ready.pop_front()?;
+        a.seq = self.seq;
         self.seq += 1;
         Some(Ok(a))
     }
@@ -317,7 +411,7 @@ impl Iterator for Synthetic {
 #[derive(Debug)]
 pub enum Workload {
     /// A trace file.
-    Trace(TraceReader),
+    Trace(Box<TraceReader>),
     /// A generator.
     Synthetic(Box<Synthetic>),
 }
@@ -342,6 +436,8 @@ pub enum WorkloadSpec {
         path: PathBuf,
         /// At most this many arrivals.
         limit: Option<u64>,
+        /// How a tick's VMs are replayed.
+        ticks: TickArrivals,
     },
     /// A generator.
     Synthetic(SyntheticSpec),
@@ -351,8 +447,8 @@ impl WorkloadSpec {
     /// Opens a fresh stream.
     pub fn open(&self) -> Result<Workload, WorkloadError> {
         Ok(match self {
-            WorkloadSpec::Trace { path, limit } => {
-                Workload::Trace(TraceReader::open(path, *limit)?)
+            WorkloadSpec::Trace { path, limit, ticks } => {
+                Workload::Trace(Box::new(TraceReader::open(path, *limit, *ticks)?))
             }
             WorkloadSpec::Synthetic(s) => Workload::Synthetic(Box::new(Synthetic::new(s.clone()))),
         })
@@ -361,10 +457,16 @@ impl WorkloadSpec {
     /// A short description for reports.
     pub fn describe(&self) -> String {
         match self {
-            WorkloadSpec::Trace { path, limit } => format!(
-                "trace {}{}",
+            WorkloadSpec::Trace { path, limit, ticks } => format!(
+                "trace {}{}, {}",
                 path.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
-                limit.map(|l| format!(" (first {l})")).unwrap_or_default()
+                limit.map(|l| format!(" (first {l})")).unwrap_or_default(),
+                match ticks {
+                    TickArrivals::Instant => "each tick's VMs at once".to_string(),
+                    TickArrivals::Spread { seed } => {
+                        format!("each tick's batches spread over it (seed {seed})")
+                    }
+                }
             ),
             WorkloadSpec::Synthetic(s) => format!(
                 "synthetic {:?} {:?} mix, {} requests at {}/s, mean lifetime {} s, seed {}",
@@ -391,7 +493,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let rows: Vec<Arrival> = TraceReader::open(&azure, None)
+        let rows: Vec<Arrival> = TraceReader::open(&azure, None, TickArrivals::Instant)
             .unwrap()
             .map(Result::unwrap)
             .collect();
@@ -407,7 +509,7 @@ mod tests {
         );
         writeln!(gz, "# a comment\n0,60,2,4096,20\n5,60,4,8192").unwrap();
         gz.finish().unwrap();
-        let rows: Vec<Arrival> = TraceReader::open(&simple, Some(1))
+        let rows: Vec<Arrival> = TraceReader::open(&simple, Some(1), TickArrivals::Instant)
             .unwrap()
             .map(Result::unwrap)
             .collect();
@@ -423,22 +525,76 @@ mod tests {
     }
 
     #[test]
+    fn a_ticks_batches_spread_over_it_together() {
+        let dir = tempdir();
+        let p = dir.join("a.csv");
+        // tick 0: batch 7 (three VMs) and batch 8 (one); tick 300: batch 9; then a stamp only
+        // 100 s later, which bounds tick 300's spread
+        std::fs::write(
+            &p,
+            format!(
+                "{}\n0,900,1,1024,0,3,7\n0,900,2,1024,0,3,8\n0,900,1,1024,0,3,7\n0,900,1,1024,0,3,7\n300,60,4,1024,0,3,9\n400,60,8,1024,0,3,10\n",
+                placement::trace::AZURE_HEADER
+            ),
+        )
+        .unwrap();
+        let read = |ticks| -> Vec<Arrival> {
+            TraceReader::open(&p, None, ticks)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let instant = read(TickArrivals::Instant);
+        assert_eq!(
+            instant.iter().map(|a| a.at).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0, 300_000, 400_000]
+        );
+        let a = read(TickArrivals::Spread { seed: 3 });
+        assert_eq!(a, read(TickArrivals::Spread { seed: 3 }), "seeded");
+        assert_ne!(a, read(TickArrivals::Spread { seed: 4 }));
+        assert_eq!(a.len(), 6);
+        assert!(a.windows(2).all(|w| w[0].at <= w[1].at), "sorted");
+        assert!(a.iter().enumerate().all(|(i, x)| x.seq == i as u64));
+        // batch 7 arrives together, inside tick 0
+        let batch7: Vec<Millis> = a
+            .iter()
+            .filter(|x| x.resources.vcpus == 1)
+            .map(|x| x.at)
+            .collect();
+        assert_eq!(batch7.len(), 3);
+        assert!(batch7.iter().all(|t| *t == batch7[0] && *t < 300_000));
+        let at = |vcpus: u32| a.iter().find(|x| x.resources.vcpus == vcpus).unwrap().at;
+        assert!(at(2) < 300_000);
+        assert!((300_000..400_000).contains(&at(4)), "up to the next stamp");
+        assert!(
+            (400_000..700_000).contains(&at(8)),
+            "the last tick: a whole tick"
+        );
+        // a limit counts arrivals as they come out, in time order
+        let first2: Vec<Arrival> = TraceReader::open(&p, Some(2), TickArrivals::Spread { seed: 3 })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(first2, a[..2].to_vec());
+    }
+
+    #[test]
     fn bad_traces_say_where() {
         let dir = tempdir();
         let p = dir.join("bad.csv");
         std::fs::write(&p, "10,60,1,512\n5,60,1,512\n").unwrap();
-        let err = TraceReader::open(&p, None)
+        let err = TraceReader::open(&p, None, TickArrivals::Instant)
             .unwrap()
             .find_map(Result::err)
             .unwrap();
         assert!(err.to_string().contains("line 2"), "{err}");
         std::fs::write(&p, "10,60,x,512\n").unwrap();
-        let err = TraceReader::open(&p, None)
+        let err = TraceReader::open(&p, None, TickArrivals::Instant)
             .unwrap()
             .find_map(Result::err)
             .unwrap();
         assert!(err.to_string().contains("vcpus"), "{err}");
-        assert!(TraceReader::open(&dir.join("missing.csv"), None).is_err());
+        assert!(TraceReader::open(&dir.join("missing.csv"), None, TickArrivals::Instant).is_err());
     }
 
     #[test]

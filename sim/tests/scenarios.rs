@@ -16,7 +16,7 @@ use sim::central::{self, CentralConfig, DecisionCost, NOVA_US_PER_HOST};
 use sim::cluster::{ClusterSpec, ShapeCount};
 use sim::stats::Report;
 use sim::updraft::{self, UpdraftConfig};
-use sim::workload::{Arrivals, Mix, SyntheticSpec, WorkloadSpec};
+use sim::workload::{Arrivals, Mix, SyntheticSpec, TickArrivals, WorkloadSpec};
 use sim::{PolicyKind, report};
 
 fn cluster(nodes: usize, vcpus: u32, mem_gib: u64) -> ClusterSpec {
@@ -90,7 +90,11 @@ fn a_workload_that_exactly_fills_the_cluster_is_all_placed() {
     // 4 nodes of 16 vCPU / 64 GiB; 32 VMs of 2 vCPU / 8 GiB fill them to the last byte
     let rows: Vec<_> = (0..32).map(|i| (i, 1_000, 2, 8192)).collect();
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(4, 16, 64);
     for kind in PolicyKind::ALL {
         let r = run(kind, &c, &w, 1);
@@ -113,7 +117,11 @@ fn what_cannot_fit_fails_and_nothing_else_does() {
     let mut rows: Vec<_> = (0..33).map(|i| (i, 1_000, 2, 8192)).collect();
     rows.push((40, 1_000, 32, 200 * 1024));
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(4, 16, 64);
     for kind in PolicyKind::ALL {
         let r = run(kind, &c, &w, 1);
@@ -131,7 +139,11 @@ fn departures_make_room_for_waiting_requests() {
     // the cluster holds one VM at a time; each lives 10 s; the second waits for the first
     let rows = vec![(0, 10, 16, 60 * 1024), (1, 10, 16, 60 * 1024)];
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(1, 16, 64);
     for kind in [
         PolicyKind::Updraft,
@@ -240,7 +252,11 @@ fn central_baselines_match_a_brute_force_reference_on_tiny_inputs() {
             })
             .collect();
         let (_d, path) = trace(&reqs);
-        let w = WorkloadSpec::Trace { path, limit: None };
+        let w = WorkloadSpec::Trace {
+            path,
+            limit: None,
+            ticks: TickArrivals::Instant,
+        };
         let rs: Vec<Resources> = reqs
             .iter()
             .map(|(_, _, v, m)| Resources::new(*v, *m, 0))
@@ -279,7 +295,11 @@ fn a_burst_queues_at_a_central_scheduler_one_decision_after_another() {
     // 100 nodes; 50 requests at once, each fits anywhere
     let rows: Vec<_> = (0..50).map(|_| (0, 3_600, 1, 1024)).collect();
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(100, 16, 64);
     // Nova-like: every host filtered and weighed, 133 µs each: 13.3 ms a decision
     let nova = run(PolicyKind::Nova, &c, &w, 1);
@@ -306,7 +326,11 @@ fn requests_the_scheduler_cannot_reach_before_their_deadline_fail() {
     // 1,000 nodes: 133 ms a Nova decision; a burst of 100 with a 5 s deadline
     let rows: Vec<_> = (0..100).map(|_| (0, 3_600, 1, 1024)).collect();
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(1_000, 16, 64);
     let cfg = CentralConfig {
         deadline: 5_000,
@@ -348,7 +372,11 @@ fn a_node_that_hands_a_request_back_lets_a_peer_take_it() {
     // redelivery would come back to it until the deadline failed the request.
     let rows: Vec<_> = (0..40).map(|i| (i, 3_600, 2, 8192)).collect();
     let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace { path, limit: None };
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
     let c = cluster(6, 16, 64);
     let mut cfg = updraft_cfg(Policy::Pack, 3);
     cfg.build_failure_rate = 0.25;
