@@ -1,7 +1,8 @@
 //! A node's outstanding pulls. Each pull asks one shard lane's consumer for up to `batch`
 //! messages, with the node's fitness bucket as its priority in the lane's priority group, on
-//! its own inbox. The server serves a waiting pull until it has all it asked for before it
-//! turns to the next one of the same or a worse priority.
+//! its own inbox. The server hands each message to the first waiting pull of the best
+//! priority; a pull that still waits for more then goes to the back of its priority, so the
+//! pulls of one priority share a burst in turns (`tests/nats.rs`).
 //!
 //! A pull ends in one of four ways: its last message arrives; the server expires it (status 408) or
 //! refuses it (409: max waiting, leadership change...); no answer came by its local deadline

@@ -609,6 +609,56 @@ async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last(
 }
 
 #[tokio::test]
+async fn pulls_of_one_priority_take_a_burst_in_turns() {
+    // the server moves a pull that still waits for more to the back of its priority after
+    // each message (round robin), so a pull for several messages does not keep a burst to
+    // itself against pulls of the same priority (docs/sim.md models this)
+    let server = testkit::nats();
+    let map = testkit::shard_map();
+    let b = testkit::bus_for(&server.url(), &map).await;
+    let (one, mut e_one) = puller(&server.url(), "n1").await;
+    let (two, mut e_two) = puller(&server.url(), "n2").await;
+    let first = record("turns-0");
+    let burst: Vec<RequestRecord> = (0..400)
+        .map(|i| record(&format!("turns-{i}")))
+        .filter(|r| r.shard == first.shard)
+        .take(6)
+        .collect();
+    assert_eq!(burst.len(), 6);
+    let pull = |id: u64| PullSpec {
+        pull: PullId(id),
+        shard: first.shard.clone(),
+        lane: Lane::Fit,
+        priority: 3,
+        batch: 8,
+        expiry: Duration::from_secs(5),
+    };
+    one.issue(&pull(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    two.issue(&pull(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for r in &burst {
+        b.hints
+            .publish(r, None, Lane::Fit, Timestamp(1))
+            .await
+            .unwrap();
+    }
+    let got_one = deliveries(&mut e_one, 3, Duration::from_secs(3)).await;
+    let got_two = deliveries(&mut e_two, 3, Duration::from_secs(3)).await;
+    let ids =
+        |g: &[(Option<PullId>, RequestId)]| g.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
+    let want: Vec<RequestId> = burst.iter().map(|r| r.spec.id.clone()).collect();
+    let odd: Vec<RequestId> = want.iter().skip(1).step_by(2).cloned().collect();
+    let even: Vec<RequestId> = want.iter().step_by(2).cloned().collect();
+    assert_eq!(
+        ids(&got_one),
+        even,
+        "the first pull takes every other message"
+    );
+    assert_eq!(ids(&got_two), odd);
+}
+
+#[tokio::test]
 async fn timers_fire_once_when_due() {
     let server = testkit::nats();
     let b = testkit::bus_for(&server.url(), &testkit::shard_map()).await;

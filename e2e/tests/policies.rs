@@ -378,7 +378,8 @@ async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_firs
     use placement::pull::PullConfig;
 
     // every node is empty and of the last pack tier: without the flag's tier floor, a request
-    // would wait for three spill deadlines past its own before any node pulls it
+    // would wait for three spill deadlines past its own before any node pulls it (tiers
+    // apply with cover pulls off: with them, every empty node pulls every class at once)
     let spill = Duration::from_secs(2);
     let mut h = Harness::start(HarnessOptions {
         spill_after: spill,
@@ -397,6 +398,7 @@ async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_firs
     for n in &names {
         h.add_agent_with(n, Resources::new(16, 32 * 1024, 1000), |c| {
             c.pull.open_tiers = pull.open_tiers;
+            c.pull.cover = false;
         })
         .await
         .unwrap();

@@ -12,7 +12,7 @@ use placement::flag_writes;
 use placement::ledger::{NodeLedger, PullId};
 use placement::lifecycle::Claim;
 use placement::pull::{
-    NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls, priority_tolerance,
+    HeldCover, NodeProfile, PlanInput, PullDiff, diff_pulls, plan_pulls, priority_tolerance,
 };
 use placement::step_aside::StepAside;
 use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
@@ -237,6 +237,16 @@ impl Agent {
                 .filter(|f| flag_writes::is_current(f, now))
                 .cloned()
                 .collect();
+            let covers: Vec<HeldCover> = inner
+                .pulls
+                .iter()
+                .filter(|(id, (_, lane, _, _))| *lane == Lane::Fit && inner.ledger.is_cover(**id))
+                .map(|(_, (shard, _, priority, left))| HeldCover {
+                    shard: shard.clone(),
+                    priority: *priority,
+                    left: *left,
+                })
+                .collect();
             let input = PlanInput {
                 node: &self.profile,
                 map: &inner.map,
@@ -244,6 +254,7 @@ impl Agent {
                 ignore_credit: true,
                 outstanding: &[],
                 backlog: &flags,
+                covers: &covers,
                 demand: &inner.demand,
                 cfg: &self.cfg.pull,
                 now,
@@ -267,7 +278,8 @@ impl Agent {
                 .pulls
                 .iter()
                 .map(|(id, (shard, lane, priority, left))| {
-                    (*id, shard.clone(), *lane, *priority, *left)
+                    let cover = inner.ledger.is_cover(*id);
+                    (*id, shard.clone(), *lane, *priority, *left, cover)
                 })
                 .collect();
             let PullDiff {

@@ -25,12 +25,14 @@ use crate::decide::{Verdict, judge};
 use crate::metrics as m;
 
 /// Where a delivery came from: the pull that brought it (none when that pull had been
-/// cancelled), and whether one message's credit of it is still held for this delivery (a
-/// reserve attempt spends it).
+/// cancelled), whether one message's credit of it is still held for this delivery (a
+/// reserve attempt spends it), and whether that pull is a cover pull (it held no credit: the
+/// node makes room for what it brings, or passes it on at once; `placement::pull::cover`).
 #[derive(Debug, Clone, Copy)]
 struct Origin {
     pull: Option<PullId>,
     credit: bool,
+    cover: bool,
 }
 
 impl Origin {
@@ -58,9 +60,9 @@ impl Agent {
     }
 
     /// The rest of `pull` stops competing, and the node pulls the lane the message came on
-    /// last for a while (`placement::step_aside`). A pull for several messages stays first
-    /// in line until it has them all, and a node's new pull at its usual priority may be
-    /// first again: either way the message it handed back would come straight back to it.
+    /// last for a while (`placement::step_aside`). Its pull, or its new one at its usual
+    /// priority, may be the only one of the best priority on the lane: the message it handed
+    /// back would come straight back to it.
     /// The pull is cancelled (the credit of what it still waited for goes back) and the node
     /// re-plans with that lane at the worst priority, so the redelivery goes to a peer.
     fn step_back(&self, pull: Option<PullId>, lane: Option<(&ShardId, Lane)>) {
@@ -102,6 +104,39 @@ impl Agent {
         self.give_back_credit(from);
     }
 
+    /// Hands back at once, without stepping aside, a request a cover pull brought that this
+    /// node has no room for: the pull held no room, so the next waiting pull (one that may
+    /// have it) should have the message now, not after the nak delay.
+    async fn pass_on(&self, d: &Delivery, from: Origin, why: Rejection) {
+        metrics::counter!(m::REJECTIONS, "reason" => why.as_str()).increment(1);
+        metrics::counter!(m::DELIVERIES, "outcome" => "passed_on").increment(1);
+        if let Err(e) = d.nak(Duration::ZERO).await {
+            tracing::debug!(error = %e, "nak failed; the message is redelivered after ack_wait");
+        }
+        self.give_back_credit(from);
+    }
+
+    /// Cancels the credited pulls a cover pull's request needs the room of
+    /// (`placement::pull::make_room`), worst priority first; none when it fits already or
+    /// would not fit even so.
+    fn make_room(&self, inner: &mut crate::agent::Inner, need: &placement::Resources) {
+        let held: Vec<(PullId, u8, u32)> = inner
+            .pulls
+            .iter()
+            .map(|(id, (_, _, priority, left))| (*id, *priority, *left))
+            .collect();
+        let Some(cancel) = placement::pull::make_room(&inner.ledger, &held, need) else {
+            return;
+        };
+        for id in cancel {
+            if let Some((_, _, _, left)) = inner.pulls.remove(&id) {
+                inner.ledger.return_units(id, left);
+            }
+            self.puller.cancel(id);
+            metrics::counter!(m::COVER_CANCELS).increment(1);
+        }
+    }
+
     async fn drop_stale(&self, d: &Delivery, from: Origin, outcome: &'static str) {
         metrics::counter!(m::DELIVERIES, "outcome" => outcome).increment(1);
         if let Err(e) = d.term().await {
@@ -112,7 +147,12 @@ impl Agent {
 
     /// Handles one delivered hint.
     pub async fn handle_delivery(self: Arc<Self>, pull: Option<PullId>, d: Delivery) {
-        let from = Origin { pull, credit: true };
+        let cover = pull.is_some_and(|p| self.lock().ledger.is_cover(p));
+        let from = Origin {
+            pull,
+            credit: true,
+            cover,
+        };
         let hint: Hint = match decode(&d.payload) {
             Ok(h) => h,
             Err(e) => {
@@ -238,6 +278,9 @@ impl Agent {
         // reserve and draw the claim under the lock, with no await in between
         let claim = {
             let mut inner = self.lock();
+            if from.cover {
+                self.make_room(&mut inner, &spec.resources);
+            }
             let res = match from.credit() {
                 Some(p) => inner.ledger.reserve_from_pull(
                     p,
@@ -277,6 +320,11 @@ impl Agent {
             Ok((Reserved::AlreadyHeld, _)) => {
                 return self
                     .hand_back(&d, from.spent(), Rejection::InFlight, on)
+                    .await;
+            }
+            Err(e) if from.cover => {
+                return self
+                    .pass_on(&d, from.spent(), Rejection::from_ledger(&e))
                     .await;
             }
             Err(e) => {

@@ -9,7 +9,7 @@ pub const PULLS_ISSUED: &str = "updraft_agent_pulls_issued_total";
 pub const PULLS_ENDED: &str = "updraft_agent_pulls_ended_total";
 /// Pulls outstanding now.
 pub const PULLS_OUTSTANDING: &str = "updraft_agent_pulls_outstanding";
-/// Deliveries handled, by outcome (claimed, handed_back, stale, lost_race, error).
+/// Deliveries handled, by outcome (claimed, handed_back, passed_on, stale, lost_race, error).
 pub const DELIVERIES: &str = "updraft_agent_deliveries_total";
 /// Requests this node would not take, by reason.
 pub const REJECTIONS: &str = "updraft_agent_rejections_total";
@@ -19,6 +19,8 @@ pub const CLAIM_CONFLICTS: &str = "updraft_agent_claim_conflicts_total";
 /// revision decided; moved_on: the record had changed, the claim read it and started over;
 /// declined: the copy led to no claim, and the delivery was decided on a read record).
 pub const CLAIM_COPIES: &str = "updraft_agent_claim_copies_total";
+/// Credited pulls cancelled to make room for a request a cover pull brought.
+pub const COVER_CANCELS: &str = "updraft_agent_cover_cancels_total";
 /// Time from a hint's delivery to a won claim.
 pub const CLAIM_DURATION: &str = "updraft_agent_claim_duration_seconds";
 /// Builds, by outcome (active, failed, superseded).
@@ -55,6 +57,7 @@ pub const ALL: &[&str] = &[
     REJECTIONS,
     CLAIM_CONFLICTS,
     CLAIM_COPIES,
+    COVER_CANCELS,
     CLAIM_DURATION,
     BUILDS,
     BUILD_DURATION,
@@ -84,6 +87,10 @@ pub fn describe() {
     describe_counter!(
         CLAIM_COPIES,
         "Claims tried on a hint's record copy, by outcome (used, moved_on, declined)"
+    );
+    describe_counter!(
+        COVER_CANCELS,
+        "Credited pulls cancelled to make room for what a cover pull brought"
     );
     describe_histogram!(CLAIM_DURATION, Unit::Seconds, "Delivery to won claim");
     describe_counter!(BUILDS, "Builds, by outcome");

@@ -198,6 +198,12 @@ impl NodeLedger {
         self.pulls.iter()
     }
 
+    /// Whether `pull` is a cover pull: one that holds no credit for what it may still bring
+    /// (`crate::pull::cover`), whose messages are checked as they arrive.
+    pub fn is_cover(&self, pull: PullId) -> bool {
+        self.pulls.get(&pull).is_some_and(|c| c.per.is_zero())
+    }
+
     /// Messages `pull` may still bring (0 when it holds no credit).
     pub fn pull_units(&self, pull: PullId) -> u32 {
         self.pulls.get(&pull).map_or(0, |c| c.units)

@@ -30,7 +30,9 @@ use crate::takers::{acts_on, floor_of, tier_above_floor};
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, DemandEntry};
 
+mod cover;
 mod diff;
+pub use cover::{COVER_PRIORITY, HeldCover, how_many, make_room};
 pub use diff::{PullDiff, diff_pulls, priority_tolerance};
 
 /// Default lifetime of one pull request at the server.
@@ -41,8 +43,9 @@ pub const DEFAULT_MAX_PULLS: usize = 32;
 pub const DEFAULT_OPEN_TIERS: u8 = 4;
 /// Default cap on pulls one node keeps on one class's fit lane.
 pub const DEFAULT_PER_CLASS: usize = 8;
-/// Most messages one pull asks for (the shard consumers' `max_batch`).
-pub const MAX_PULL_BATCH: u32 = 16;
+/// Most messages one pull asks for (the shard consumers' `max_batch`): a cover pull asks for
+/// as many as the node could hold (module `cover`).
+pub const MAX_PULL_BATCH: u32 = 64;
 /// Default share of an exclusive node (a GPU host) it lends to backed-up `std` work.
 pub const DEFAULT_OVERFLOW_SHARE: f64 = 0.5;
 
@@ -71,7 +74,8 @@ pub struct PullConfig {
     pub policy: Policy,
     /// Credit order.
     pub order: PullOrder,
-    /// Most messages pulled for at once (over all outstanding pulls).
+    /// Most credited pulls outstanding at once (cover pulls, which hold nothing, are one per
+    /// class at most and not counted).
     pub max_pulls: usize,
     /// Most pulls a node in use keeps on one class's fit lane under pack (more absorb bursts:
     /// the best-fitting node keeps winning while it still fits). Spread and random keep one.
@@ -90,6 +94,9 @@ pub struct PullConfig {
     pub overflow_share: f64,
     /// The starvation guard.
     pub guard: GuardConfig,
+    /// Under pack, a node in use keeps every class it has room for covered by a pull that
+    /// holds no credit (module `cover`).
+    pub cover: bool,
 }
 
 impl PullConfig {
@@ -116,6 +123,7 @@ impl Default for PullConfig {
             near_fit: true,
             overflow_share: DEFAULT_OVERFLOW_SHARE,
             guard: GuardConfig::default(),
+            cover: true,
         }
     }
 }
@@ -134,10 +142,11 @@ pub struct NodeProfile {
 /// A pull the node should issue: take `credit` from the ledger for each of `batch` messages,
 /// then pull up to `batch` messages from `shard`'s `lane` with `priority`.
 ///
-/// One pull for several messages, not several pulls for one each: the server serves a waiting
-/// pull until it has all it asked for before it turns to the next one of the same or a worse
-/// priority, so the best-fitting node takes a burst as far as it fits instead of the burst
-/// spreading over every waiting pull, and a node re-pulls once per several messages.
+/// One pull for several messages, not several pulls for one each: a node re-pulls once per
+/// several messages. The server serves the best priority first; among pulls of one priority
+/// it hands out a burst in turns (a pull that still waits for more goes to the back after
+/// each message), so a better bucket takes a burst before a worse one, while nodes that share
+/// a bucket share it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullIntent {
     /// Shard.
@@ -150,6 +159,8 @@ pub struct PullIntent {
     pub priority: u8,
     /// Messages asked for (1 to [`MAX_PULL_BATCH`]).
     pub batch: u32,
+    /// A cover pull (its credit is zero: what it brings is checked on arrival, `cover`).
+    pub cover: bool,
 }
 
 /// The plan: pulls to add, and the guard's decision (for logs and metrics).
@@ -177,6 +188,8 @@ pub struct PlanInput<'a> {
     pub outstanding: &'a [(ShardId, Lane)],
     /// Current backlog flags (any zone; the planner filters).
     pub backlog: &'a [BacklogFlag],
+    /// The node's outstanding cover pulls (kept while their class fits, `cover`).
+    pub covers: &'a [HeldCover],
     /// Recent demand per class in the node's zone (empty when unknown).
     pub demand: &'a [DemandEntry],
     /// Settings.
@@ -205,6 +218,7 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         ignore_credit,
         outstanding,
         backlog,
+        covers,
         demand,
         cfg,
         now,
@@ -370,6 +384,16 @@ pub fn plan_pulls(input: &PlanInput<'_>, rng: &mut impl Rng) -> PullPlan {
         add_unit(&mut out.pulls, shard, c.lane, &c.credit, priority);
         slots -= 1;
     }
+    if pack && cfg.cover && !empty && out.hold.is_none() {
+        let c = cover::CoverInput {
+            node,
+            map,
+            home: &home,
+            unallocated: &unallocated,
+            held: covers,
+        };
+        cover::add_covers(&c, &mut out.pulls);
+    }
     out
 }
 
@@ -399,6 +423,7 @@ fn add_unit(
             credit: credit.clone(),
             priority,
             batch: 1,
+            cover: false,
         }),
     }
 }
@@ -483,10 +508,12 @@ mod tests {
     use crate::shard::default_shard_map;
     use rand::SeedableRng;
 
-    /// Plans as one tier (tiered opening of empty nodes has its own test).
+    /// Plans as one tier (tiered opening of empty nodes has its own test), credited pulls only
+    /// (cover pulls have their own tests, `cover`).
     fn cfg() -> PullConfig {
         PullConfig {
             open_tiers: 1,
+            cover: false,
             ..PullConfig::default()
         }
     }
@@ -522,6 +549,7 @@ mod tests {
             ignore_credit: false,
             outstanding,
             backlog,
+            covers: &[],
             demand: &[],
             cfg,
             now: Timestamp(1000),
@@ -814,6 +842,7 @@ mod tests {
             ignore_credit: false,
             outstanding: &[],
             backlog: &[],
+            covers: &[],
             demand: &demand,
             cfg: &cfg(),
             now: Timestamp(0),
@@ -830,7 +859,10 @@ mod tests {
     #[test]
     fn empty_nodes_join_in_tiers_under_pack() {
         let (_, map, ledger) = setup(64);
-        let tiered = PullConfig::default();
+        let tiered = PullConfig {
+            cover: false,
+            ..PullConfig::default()
+        };
         let mut by_tier = [0usize; 8];
         let mut joined_late = 0;
         for i in 0..200 {
@@ -856,6 +888,7 @@ mod tests {
                     ignore_credit: false,
                     outstanding: &[],
                     backlog: std::slice::from_ref(&f),
+                    covers: &[],
                     demand: &[],
                     cfg: &tiered,
                     now: Timestamp(0).plus(map.spill_after(2) * u32::from(t)),
@@ -879,6 +912,7 @@ mod tests {
                     let joins_at = |at: Timestamp| {
                         let input = PlanInput {
                             backlog: std::slice::from_ref(&floored),
+                            covers: &[],
                             now: at,
                             ..input
                         };
@@ -955,17 +989,17 @@ mod tests {
             size: 0,
             part: map.node_partition(node.id.as_str(), 0),
         };
-        // 21 messages of one lane planned one by one; the fourth at another priority
+        // 71 messages of one lane planned one by one; the fourth at another priority
         let credit = Resources::new(1, 512, 1);
         let mut merged = Vec::new();
-        for i in 0..21 {
+        for i in 0..71 {
             let priority = if i == 3 { 5 } else { 2 };
             add_unit(&mut merged, &shard, Lane::Fit, &credit, priority);
         }
         let batches: Vec<(u8, u32)> = merged.iter().map(|p| (p.priority, p.batch)).collect();
         assert_eq!(
             batches,
-            vec![(2, MAX_PULL_BATCH), (5, 1), (2, 20 - MAX_PULL_BATCH)]
+            vec![(2, MAX_PULL_BATCH), (5, 1), (2, 70 - MAX_PULL_BATCH)]
         );
     }
 }

@@ -93,6 +93,7 @@ mod tests {
             credit: Resources::new(1, 1024, 10),
             priority,
             batch: 4,
+            cover: false,
         }
     }
 

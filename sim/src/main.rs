@@ -185,9 +185,13 @@ struct Common {
     /// updraft: messages one used node pulls for per class (pack).
     #[arg(long)]
     per_class: Option<usize>,
-    /// updraft: tiers empty nodes open in (pack).
+    /// updraft: tiers empty nodes open in (pack, with --no-cover).
     #[arg(long)]
     open_tiers: Option<u8>,
+    /// updraft: no cover pulls (`pull.cover = false`): the credited plan alone, empty nodes
+    /// opening in tiers.
+    #[arg(long)]
+    no_cover: bool,
     /// updraft: how a node spends its credit on classes (`pull.order`).
     #[arg(long, value_enum)]
     pull_order: Option<OrderArg>,
@@ -292,6 +296,7 @@ impl Common {
         if let Some(t) = self.open_tiers {
             pull.open_tiers = t;
         }
+        pull.cover = !self.no_cover;
         if let Some(o) = self.pull_order {
             pull.order = o.into();
         }

@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use placement::ledger::{NodeLedger, PullId};
 use placement::policy::Policy;
-use placement::pull::{NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls};
+use placement::pull::{
+    HeldCover, NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls,
+};
 use placement::request::DEFAULT_DEADLINE_S;
 use placement::shard::{ClassKey, Routable};
 use placement::step_aside::StepAside;
@@ -355,6 +357,18 @@ impl Sim<'_> {
         if !node.alive {
             return;
         }
+        let covers: Vec<HeldCover> = node
+            .pulls
+            .iter()
+            .filter(|(id, (lane, _, _))| {
+                Self::lane_kind(*lane) == Lane::Fit && node.ledger.is_cover(PullId(**id))
+            })
+            .map(|(_, (lane, priority, left))| HeldCover {
+                shard: self.shards[(*lane / 2) as usize].clone(),
+                priority: *priority,
+                left: *left,
+            })
+            .collect();
         let input = PlanInput {
             node: &node.profile,
             map: &self.cfg.map,
@@ -362,6 +376,7 @@ impl Sim<'_> {
             ignore_credit: true,
             outstanding: &[],
             backlog: &self.flags,
+            covers: &covers,
             demand: &self.demand,
             cfg: &self.cfg.pull,
             now: Timestamp(now),
@@ -372,12 +387,13 @@ impl Sim<'_> {
             .hold
             .as_ref()
             .and_then(|h| self.class_ix.get(&h.class).copied());
-        let held: Vec<(u64, &ShardId, Lane, u8, u32)> = node
+        let held: Vec<(u64, &ShardId, Lane, u8, u32, bool)> = node
             .pulls
             .iter()
             .map(|(id, (lane, prio, left))| {
                 let s = &self.shards[(*lane / 2) as usize];
-                (*id, s, Self::lane_kind(*lane), *prio, *left)
+                let cover = node.ledger.is_cover(PullId(*id));
+                (*id, s, Self::lane_kind(*lane), *prio, *left, cover)
             })
             .collect();
         let PullDiff { cancel, issue } = diff_pulls(

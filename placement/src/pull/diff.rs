@@ -28,7 +28,9 @@ pub fn priority_tolerance(policy: Policy) -> u8 {
 }
 
 /// Diffs a fresh plan (made with `ignore_credit`, as if nothing were held) against the pulls
-/// outstanding, each given as (id, shard, lane, priority, messages it still waits for). For
+/// outstanding, each given as (id, shard, lane, priority, messages it still waits for, whether
+/// it is a cover pull: a cover pull stands only for a cover pull, a credited one for a credited
+/// one, since their credit differs). For
 /// each planned pull, the outstanding pulls on the same shard and lane with a priority at most
 /// `tolerance` buckets away ([`priority_tolerance`]) are kept while their messages fit in the
 /// plan's (the rest are cancelled), and when they wait for fewer than half of the plan's, one
@@ -36,7 +38,7 @@ pub fn priority_tolerance(policy: Policy) -> u8 {
 /// each. Outstanding pulls the plan does not want are cancelled.
 pub fn diff_pulls<K: Copy, S: std::borrow::Borrow<ShardId>>(
     desired: Vec<PullIntent>,
-    held: &[(K, S, Lane, u8, u32)],
+    held: &[(K, S, Lane, u8, u32, bool)],
     tolerance: u8,
 ) -> PullDiff<K> {
     let mut used = vec![false; held.len()];
@@ -45,9 +47,10 @@ pub fn diff_pulls<K: Copy, S: std::borrow::Borrow<ShardId>>(
     for d in desired {
         let mut matching: Vec<usize> = (0..held.len())
             .filter(|&i| {
-                let (_, shard, lane, priority, _) = &held[i];
+                let (_, shard, lane, priority, _, cover) = &held[i];
                 !used[i]
                     && *lane == d.lane
+                    && *cover == d.cover
                     && priority.abs_diff(d.priority) <= tolerance
                     && shard.borrow() == &d.shard
             })
@@ -101,11 +104,12 @@ mod tests {
             credit: Resources::new(1, 512, 1),
             priority,
             batch,
+            cover: false,
         };
         let held = |id: u32, size: u8, priority: u8, left: u32| {
-            (id, shard(size), Lane::Fit, priority, left)
+            (id, shard(size), Lane::Fit, priority, left, false)
         };
-        let diff = |d: Vec<PullIntent>, h: &[(u32, ShardId, Lane, u8, u32)]| {
+        let diff = |d: Vec<PullIntent>, h: &[(u32, ShardId, Lane, u8, u32, bool)]| {
             let PullDiff { cancel, issue } = diff_pulls(d, h, 1);
             let issued: Vec<(u8, u32)> = issue.iter().map(|i| (i.shard.size, i.batch)).collect();
             (cancel, issued)
@@ -138,6 +142,27 @@ mod tests {
         assert_eq!(
             diff(vec![want(1, 2, 4)], &[held(1, 1, 5, 4), held(2, 3, 2, 4)]),
             (vec![1, 2], vec![(1, 4)])
+        );
+        // a cover pull stands only for a cover pull
+        let cover = |size: u8, priority: u8, batch: u32| PullIntent {
+            credit: Resources::default(),
+            cover: true,
+            ..want(size, priority, batch)
+        };
+        let held_cover = |id: u32, size: u8, priority: u8, left: u32| {
+            (id, shard(size), Lane::Fit, priority, left, true)
+        };
+        assert_eq!(
+            diff(vec![cover(1, 5, 30)], &[held_cover(1, 1, 5, 20)]),
+            (vec![], vec![])
+        );
+        assert_eq!(
+            diff(vec![cover(1, 5, 30)], &[held(1, 1, 5, 20)]),
+            (vec![1], vec![(1, 30)])
+        );
+        assert_eq!(
+            diff(vec![want(1, 5, 8)], &[held_cover(1, 1, 5, 8)]),
+            (vec![1], vec![(1, 8)])
         );
     }
 }

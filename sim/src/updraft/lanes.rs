@@ -1,5 +1,6 @@
 //! The shard lanes as JetStream serves them: waiting messages go to the best waiting pull
-//! (priority, then arrival; a pull for several messages stays first until it has them all),
+//! (priority, then arrival; a pull that still waits for more goes to the back of its priority
+//! after each message, as nats-server serves them),
 //! expired pulls are re-issued at the back of their priority, and a delivered hint is
 //! claimed or handed back (nak'd: due again after the nak delay, its node stepping aside).
 
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use placement::Timestamp;
 use placement::ledger::PullId;
+use placement::pull::make_room;
 use placement::step_aside::step_aside_for;
 
 use super::{Ev, Msg, ReqState, Sim, WaitingPull, rid};
@@ -60,12 +62,18 @@ impl Sim<'_> {
                 }
             }
             let Some((b, w)) = chosen else { return };
-            // a pull for several messages stays first in line until it has them all
+            // a pull that still waits for more goes to the back of its priority (the server
+            // serves the pulls of one priority in turns: bus/tests/nats.rs)
             let node = &mut self.nodes[w.node as usize];
             let lq = &mut self.lanes[lane as usize];
             lq.msgs.pop_front();
             match node.pulls.get_mut(&w.pull) {
-                Some((_, _, left)) if *left > 1 => *left -= 1,
+                Some((_, _, left)) if *left > 1 => {
+                    *left -= 1;
+                    if let Some(w) = lq.buckets[b].pop_front() {
+                        lq.buckets[b].push_back(w);
+                    }
+                }
                 _ => {
                     node.pulls.remove(&w.pull);
                     lq.buckets[b].pop_front();
@@ -116,10 +124,37 @@ impl Sim<'_> {
             back(self, self.cfg.nak_delay, "naks");
             return self.replan(node, now);
         }
+        let cover = n.ledger.is_cover(PullId(pull));
+        if cover {
+            // a cover pull holds no credit: make room from credited pulls, or hand it back
+            // at once (`placement::pull::cover`)
+            self.rec.count("cover_deliveries", 1);
+            let held: Vec<(PullId, u8, u32)> = n
+                .pulls
+                .iter()
+                .map(|(id, (_, prio, left))| (PullId(*id), *prio, *left))
+                .collect();
+            if let Some(cancel) = make_room(&n.ledger, &held, &r.res) {
+                if !cancel.is_empty() {
+                    self.rec.count("cover_cancels", cancel.len() as u64);
+                }
+                for id in cancel {
+                    if let Some((l, _, left)) = n.pulls.remove(&id.0) {
+                        n.ledger.return_units(id, left);
+                        self.lanes[l as usize].waiting -= 1;
+                    }
+                }
+            }
+        }
+        let n = &mut self.nodes[node as usize];
         if n.ledger
             .reserve_from_pull(PullId(pull), &rid(msg.req), &r.res, None)
             .is_err()
         {
+            if cover {
+                back(self, 0, "cover_hand_backs");
+                return self.replan(node, now);
+            }
             self.step_back(node, pull, lane, now);
             back(self, self.cfg.nak_delay, "naks");
             return self.replan(node, now);
@@ -135,9 +170,10 @@ impl Sim<'_> {
     }
 
     /// A node that hands a message back cancels the rest of the pull that brought it and
-    /// pulls that lane last for a while (as the agent does, `node-agent/src/claim.rs`): a
-    /// pull for several messages stays first in line, and a best-placed node's new pull
-    /// would be first again; either way it would be handed the message again at once.
+    /// pulls that lane last for a while (as the agent does, `node-agent/src/claim.rs`): the
+    /// best-placed node's pull, or its new one at its usual priority, would be first in line
+    /// again (alone in its bucket, it is served every time); it would be handed the message
+    /// again at once.
     fn step_back(&mut self, node: u32, pull: u64, lane: u32, now: Millis) {
         let n = &mut self.nodes[node as usize];
         if let Some((l, _, left)) = n.pulls.remove(&pull) {
