@@ -18,7 +18,7 @@ use placement::wire::{
     AdminState, CommandKind, Hint, NodeAdvert, NodeCommand, NodeState, Timer, TimerKind,
     WIRE_VERSION, decode,
 };
-use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId, Timestamp, Zone};
+use placement::{ClaimToken, Epoch, Lane, NodeId, RequestId, ShardId, Timestamp, Zone};
 
 fn spec(id: &str, mem: u64) -> RequestSpec {
     RequestSpec::plain(
@@ -522,6 +522,30 @@ async fn deliveries(
     out
 }
 
+/// `n` requests of one shard (the shard of `{prefix}-0`).
+fn one_shard_burst(prefix: &str, n: usize) -> Vec<RequestRecord> {
+    let first = record(&format!("{prefix}-0"));
+    let burst: Vec<RequestRecord> = (0..100 * n)
+        .map(|i| record(&format!("{prefix}-{i}")))
+        .filter(|r| r.shard == first.shard)
+        .take(n)
+        .collect();
+    assert_eq!(burst.len(), n);
+    burst
+}
+
+/// A pull on `shard`'s fit lane that lives 5 s.
+fn fit_pull(shard: &ShardId, id: u64, priority: u8, batch: u32) -> PullSpec {
+    PullSpec {
+        pull: PullId(id),
+        shard: shard.clone(),
+        lane: Lane::Fit,
+        priority,
+        batch,
+        expiry: Duration::from_secs(5),
+    }
+}
+
 #[tokio::test]
 async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last() {
     let server = testkit::nats();
@@ -529,22 +553,9 @@ async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last(
     let b = testkit::bus_for(&server.url(), &map).await;
     let (best, mut e_best) = puller(&server.url(), "n1").await;
     let (worse, mut e_worse) = puller(&server.url(), "n2").await;
-    // six requests of one shard
-    let first = record("burst-0");
-    let burst: Vec<RequestRecord> = (0..200)
-        .map(|i| record(&format!("burst-{i}")))
-        .filter(|r| r.shard == first.shard)
-        .take(6)
-        .collect();
-    assert_eq!(burst.len(), 6);
-    let pull = |id: u64, priority: u8, batch: u32| PullSpec {
-        pull: PullId(id),
-        shard: first.shard.clone(),
-        lane: Lane::Fit,
-        priority,
-        batch,
-        expiry: Duration::from_secs(5),
-    };
+    let burst = one_shard_burst("burst", 6);
+    let first = burst[0].clone();
+    let pull = |id: u64, priority: u8, batch: u32| fit_pull(&first.shard, id, priority, batch);
     // the worse pull asks first, the better one later: priority decides, then the batch
     worse.issue(&pull(2, 5, 4)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -618,21 +629,8 @@ async fn pulls_of_one_priority_take_a_burst_in_turns() {
     let b = testkit::bus_for(&server.url(), &map).await;
     let (one, mut e_one) = puller(&server.url(), "n1").await;
     let (two, mut e_two) = puller(&server.url(), "n2").await;
-    let first = record("turns-0");
-    let burst: Vec<RequestRecord> = (0..400)
-        .map(|i| record(&format!("turns-{i}")))
-        .filter(|r| r.shard == first.shard)
-        .take(6)
-        .collect();
-    assert_eq!(burst.len(), 6);
-    let pull = |id: u64| PullSpec {
-        pull: PullId(id),
-        shard: first.shard.clone(),
-        lane: Lane::Fit,
-        priority: 3,
-        batch: 8,
-        expiry: Duration::from_secs(5),
-    };
+    let burst = one_shard_burst("turns", 6);
+    let pull = |id: u64| fit_pull(&burst[0].shard, id, 3, 8);
     one.issue(&pull(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     two.issue(&pull(2)).await.unwrap();

@@ -518,7 +518,8 @@ mod tests {
         }
     }
 
-    fn setup(mem_gib: u64) -> (NodeProfile, ShardMap, NodeLedger) {
+    /// A node of 64 vCPU and `mem_gib` in zone az1, and the default shard map.
+    pub(super) fn setup(mem_gib: u64) -> (NodeProfile, ShardMap, NodeLedger) {
         let zone = Zone::new("az1").unwrap();
         let node = NodeProfile {
             id: NodeId::new("n1").unwrap(),

@@ -173,25 +173,10 @@ pub fn make_room(
 mod tests {
     use super::*;
     use crate::ids::RequestId;
-    use crate::ids::{NodeId, Zone};
-    use crate::resources::AllocationRatios;
-    use crate::shard::default_shard_map;
     use rand::SeedableRng;
 
     fn setup() -> (NodeProfile, ShardMap, NodeLedger) {
-        let zone = Zone::new("az1").unwrap();
-        let node = NodeProfile {
-            id: NodeId::new("n1").unwrap(),
-            zone: zone.clone(),
-            traits: vec![],
-        };
-        let ledger = NodeLedger::new(
-            Resources::new(64, 512 * 1024, 4000),
-            Resources::default(),
-            AllocationRatios::default(),
-        )
-        .unwrap();
-        (node, default_shard_map(zone), ledger)
+        crate::pull::tests::setup(512)
     }
 
     #[test]
