@@ -534,6 +534,21 @@ fn one_shard_burst(prefix: &str, n: usize) -> Vec<RequestRecord> {
     burst
 }
 
+/// Publishes a hint on the fit lane for each of `recs`, in order.
+async fn publish_fit(b: &bus::Bus, recs: &[RequestRecord]) {
+    for r in recs {
+        b.hints
+            .publish(r, None, Lane::Fit, Timestamp(1))
+            .await
+            .unwrap();
+    }
+}
+
+/// The request ids of deliveries.
+fn ids(got: &[(Option<PullId>, RequestId)]) -> Vec<RequestId> {
+    got.iter().map(|(_, id)| id.clone()).collect()
+}
+
 /// A pull on `shard`'s fit lane that lives 5 s.
 fn fit_pull(shard: &ShardId, id: u64, priority: u8, batch: u32) -> PullSpec {
     PullSpec {
@@ -561,16 +576,9 @@ async fn a_pull_for_several_messages_takes_a_burst_first_and_ends_with_its_last(
     tokio::time::sleep(Duration::from_millis(100)).await;
     best.issue(&pull(1, 1, 4)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for r in &burst {
-        b.hints
-            .publish(r, None, Lane::Fit, Timestamp(1))
-            .await
-            .unwrap();
-    }
+    publish_fit(&b, &burst).await;
     let got_best = deliveries(&mut e_best, 4, Duration::from_secs(3)).await;
     let got_worse = deliveries(&mut e_worse, 2, Duration::from_secs(3)).await;
-    let ids =
-        |g: &[(Option<PullId>, RequestId)]| g.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
     let want: Vec<RequestId> = burst.iter().map(|r| r.spec.id.clone()).collect();
     assert_eq!(
         ids(&got_best),
@@ -635,16 +643,9 @@ async fn pulls_of_one_priority_take_a_burst_in_turns() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     two.issue(&pull(2)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for r in &burst {
-        b.hints
-            .publish(r, None, Lane::Fit, Timestamp(1))
-            .await
-            .unwrap();
-    }
+    publish_fit(&b, &burst).await;
     let got_one = deliveries(&mut e_one, 3, Duration::from_secs(3)).await;
     let got_two = deliveries(&mut e_two, 3, Duration::from_secs(3)).await;
-    let ids =
-        |g: &[(Option<PullId>, RequestId)]| g.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
     let want: Vec<RequestId> = burst.iter().map(|r| r.spec.id.clone()).collect();
     let odd: Vec<RequestId> = want.iter().skip(1).step_by(2).cloned().collect();
     let even: Vec<RequestId> = want.iter().step_by(2).cloned().collect();
