@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::tests_outside_test_module)] // test code: a panic is the failure report
 
-//! Cover pulls end to end (`placement/src/pull/cover.rs`): a node in use takes every class it
-//! has room for at once, not after a spill deadline. Real nats-server, dispatcher and agents
-//! (memory driver).
+//! Cover pulls end to end (`placement/src/pull/cover.rs`): a node in use has a pull waiting on
+//! every class it has room for, and takes a request of a class its credit left out. Real
+//! nats-server, dispatcher and agents (memory driver).
 
 use std::time::Duration;
 
@@ -36,9 +36,10 @@ async fn a_node_in_use_takes_a_class_its_credit_left_out_at_once() {
     // fits (45 GiB) and then the smallest up while it lasts (1 and 1.4 GiB), or, once the
     // dispatcher's demand figures name m1.tiny's class, to that class and then the smallest
     // up (1 GiB to 11 GiB): either way r1.large's class (bounded by 16 vCPU and 16 GiB) has
-    // no credited pull. A cover pull takes it at once (the credit it needs freed by
-    // cancelling credited pulls); without one it would wait for its spill deadline and the
-    // flag after it.
+    // no credited pull. A cover pull is waiting for it and takes it (the credit it needs
+    // freed by cancelling credited pulls); without one (`cover = false`) no pull waits on the
+    // class until the dispatcher's next demand figures name it and the node re-plans, and the
+    // first check below fails.
     let h = start(&["only"], Resources::new(64, 48 * 1024, 2000)).await;
     let e2e::harness::AgentHandle::InProcess { agent, .. } = &h.agents[0].handle else {
         panic!("in-process agent expected");
