@@ -391,3 +391,32 @@ fn a_node_that_hands_a_request_back_lets_a_peer_take_it() {
     assert!(count("naks") <= 2 * failed_builds, "{:?}", r.counters);
     assert!(r.wait.max < 15_000, "{:?}", r.wait);
 }
+
+#[test]
+fn a_node_in_use_takes_a_class_its_credit_left_out_at_once() {
+    // one node of 64 vCPU / 48 GiB: with a 1 vCPU / 512 MiB VM on it, its credit goes to the
+    // largest class that fits and the smallest ones; a 2 vCPU / 16 GiB request ten seconds
+    // later is of a class (bounded by 16 vCPU / 16 GiB) it holds no credit for. A cover pull
+    // is waiting on that class and takes it at once; without cover pulls it waits for its
+    // spill deadline (500 ms) and the flag after it.
+    let rows = [(0, 3_600, 1, 512), (10, 3_600, 2, 16_384)];
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
+    let c = cluster(1, 64, 48);
+    let waits = |cover: bool| {
+        let mut cfg = updraft_cfg(Policy::Pack, 1);
+        cfg.pull.cover = cover;
+        cfg.pull.open_tiers = 1;
+        let r = updraft::run(c.nodes().unwrap(), w.open().unwrap(), &cfg).unwrap();
+        assert_eq!(r.placed, 2, "{r:?}");
+        r.wait.max
+    };
+    let with = waits(true);
+    let without = waits(false);
+    assert!(with < 50, "with cover pulls: {with} ms");
+    assert!(without >= 500, "without: {without} ms");
+}
