@@ -200,9 +200,8 @@ impl TraceReader {
             }
         };
         let tick_s = self.format.map_or(1, TraceFormat::tick_s);
-        let end_s = next_s.map_or(first.arrival_s + tick_s, |n| {
-            n.min(first.arrival_s + tick_s)
-        });
+        let tick_end = first.arrival_s.saturating_add(tick_s);
+        let end_s = next_s.map_or(tick_end, |n| n.min(tick_end));
         let width = end_s
             .saturating_sub(first.arrival_s)
             .saturating_mul(1000)
@@ -216,8 +215,8 @@ impl TraceReader {
                 Some(rng) => match row.batch {
                     Some(b) => *batches
                         .entry(b)
-                        .or_insert_with(|| start + rng.random_range(0..width)),
-                    None => start + rng.random_range(0..width),
+                        .or_insert_with(|| start.saturating_add(rng.random_range(0..width))),
+                    None => start.saturating_add(rng.random_range(0..width)),
                 },
             };
             out.push(arrival(&row, at));
