@@ -150,6 +150,10 @@ pub struct Config {
     /// deadline): nodes with room for the class's bound pull it.
     #[serde(with = "humantime_serde")]
     pub flag_after: Duration,
+    /// A class asked for whose largest request the nodes in use have room for fewer times
+    /// than this gets a standing flag: a few empty nodes pull it before any of it waits
+    /// (`placement::standing`; 0 never raises one).
+    pub standing_below: u64,
     /// Time a restarted node gets to re-confirm its claims before they are reaped.
     #[serde(with = "humantime_serde")]
     pub reap_grace: Duration,
@@ -182,6 +186,7 @@ impl Default for Config {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             flag_after: DEFAULT_FLAG_AFTER,
+            standing_below: placement::standing::DEFAULT_STANDING_BELOW,
             reap_grace: Duration::from_secs(15),
             hint_check_after: Duration::from_secs(10),
             recent_finished: 10_000,

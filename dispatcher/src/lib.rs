@@ -25,6 +25,7 @@ pub mod natsapi;
 pub mod page;
 pub mod reactor;
 pub mod service;
+pub mod standing;
 pub mod timekeeper;
 pub mod view;
 

@@ -23,6 +23,8 @@ pub const TIMERS: &str = "updraft_dispatcher_timers_total";
 pub const SWEEP: &str = "updraft_dispatcher_sweep_actions_total";
 /// Backlog flag keys written or deleted (one per partition, kind of node and draw bucket).
 pub const FLAG_WRITES: &str = "updraft_dispatcher_flag_writes_total";
+/// Standing flags held after the last sweep (`placement::standing`).
+pub const STANDING_FLAGS: &str = "updraft_dispatcher_standing_flags";
 /// Deletes requested.
 pub const DELETES: &str = "updraft_dispatcher_deletes_total";
 /// Queued requests per class.
@@ -52,6 +54,7 @@ pub const ALL: &[&str] = &[
     TIMERS,
     SWEEP,
     FLAG_WRITES,
+    STANDING_FLAGS,
     DELETES,
     QUEUE_DEPTH,
     QUEUE_OLDEST,
@@ -76,6 +79,10 @@ pub fn describe() {
     describe_counter!(
         FLAG_WRITES,
         "Backlog flag keys written or deleted (one per partition, kind of node and draw bucket)"
+    );
+    describe_gauge!(
+        STANDING_FLAGS,
+        "Standing flags held after the last sweep (classes the nodes in use have little room for)"
     );
     describe_counter!(DELETES, "Deletes requested");
     describe_gauge!(QUEUE_DEPTH, "Queued requests per class");

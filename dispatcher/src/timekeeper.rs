@@ -21,6 +21,7 @@ use placement::{Epoch, Lane, RequestId, Timestamp};
 
 use crate::metrics as m;
 use crate::service::Dispatcher;
+use crate::standing::{StandingInput, standing_flags};
 use crate::view::ClassQueue;
 
 /// Demand is re-written at least this often (and sooner when it changes).
@@ -459,12 +460,26 @@ impl Dispatcher {
             self.raise_flag(class.clone(), queued.get(class), *since, now)
                 .await;
         }
+        let standing = self.standing_flags(&backed_up, now);
+        for f in &standing {
+            let stored = self
+                .flags
+                .lock()
+                .expect("flags lock")
+                .get(&f.class)
+                .cloned();
+            let parts = self.partitions(&f.class);
+            let writes = flag_writes(stored.as_ref(), Some(f), parts, 0.0, now);
+            self.write_flag(&f.class, &writes).await;
+        }
+        metrics::gauge!(m::STANDING_FLAGS).set(standing.len() as f64);
         let stale: Vec<ClassKey> = self
             .flags
             .lock()
             .expect("flags lock")
             .keys()
             .filter(|k| !backed_up.iter().any(|(c, _)| c == *k))
+            .filter(|k| !standing.iter().any(|f| f.class == **k))
             .cloned()
             .collect();
         for class in stale {
@@ -472,6 +487,40 @@ impl Dispatcher {
             let writes = flag_writes(stored.as_ref(), None, 0, 0.0, now);
             self.write_flag(&class, &writes).await;
         }
+    }
+
+    /// This sweep's standing flags (`crate::standing`), for the classes not `backed_up`.
+    fn standing_flags(
+        &self,
+        backed_up: &[(ClassKey, Timestamp)],
+        now: Timestamp,
+    ) -> Vec<BacklogFlag> {
+        if self.cfg.standing_below == 0 {
+            return Vec::new();
+        }
+        // the flags as last written, read first: the flags lock is never held with the view's
+        let prev: HashMap<ClassKey, BacklogFlag> = self
+            .flags
+            .lock()
+            .expect("flags lock")
+            .iter()
+            .filter_map(|(c, stored)| Some((c.clone(), whole_flag(stored)?)))
+            .collect();
+        let view = self.view();
+        let cluster = self.cluster.read().expect("cluster lock");
+        let demand = view.demand(now);
+        let input = StandingInput {
+            demand: &demand,
+            adverts: view.adverts(),
+            map: &cluster.shard_map,
+            below: self.cfg.standing_below,
+            now,
+        };
+        standing_flags(
+            &input,
+            |c| backed_up.iter().any(|(b, _)| b == c),
+            |c| prev.get(c).cloned(),
+        )
     }
 
     /// Writes each zone's class demand, so nodes spend credit on classes that are asked for.

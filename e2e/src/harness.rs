@@ -36,6 +36,10 @@ pub struct HarnessOptions {
     pub ladder_top: Resources,
     /// Work-queue partitions of every size class.
     pub partitions: u16,
+    /// The dispatchers' `flag_after` (capped at `spill_after`, as in the dispatcher).
+    pub flag_after: Duration,
+    /// The dispatchers' `standing_below` (0: no standing flags).
+    pub standing_below: u64,
 }
 
 impl Default for HarnessOptions {
@@ -47,6 +51,8 @@ impl Default for HarnessOptions {
             spill_after: Duration::from_millis(800),
             ladder_top: Resources::new(64, 256 * 1024, 2560),
             partitions: 1,
+            flag_after: placement::takers::DEFAULT_FLAG_AFTER,
+            standing_below: placement::standing::DEFAULT_STANDING_BELOW,
         }
     }
 }
@@ -129,6 +135,8 @@ pub fn dispatcher_config(url: &str, opts: &HarnessOptions) -> dispatcher::Config
     c.default_deadline_s = opts.deadline_s;
     c.ladder.spill_after = opts.spill_after;
     c.ladder.partitions = opts.partitions;
+    c.flag_after = opts.flag_after;
+    c.standing_below = opts.standing_below;
     c.ladder.top = dispatcher::config::Size {
         vcpus: opts.ladder_top.vcpus,
         memory_mib: opts.ladder_top.memory_mib,

@@ -99,12 +99,16 @@ fn clamp_share(share: f64, bucket: u8) -> f64 {
 /// How many buckets of partition `part` hold `flag` for nodes in use (or empty ones when
 /// `empty`): those below the highest draw that acts there, the larger of the share of such
 /// nodes and `guard_reach` (the highest share any node's starvation guard holds back with for
-/// this class; 0 when the class is not guarded). Every bucket for a flag that names no
+/// this class; 0 when the class is not guarded, or the flag is a standing one). Every bucket for a flag that names no
 /// takers; none for a partition it names none in.
 fn buckets_of(flag: &BacklogFlag, part: u16, empty: bool, guard_reach: f64) -> u8 {
     let reach = match (&flag.takers, partition_takers(flag, part)) {
         (None, _) => 1.0,
         (Some(_), None) => return 0,
+        // the guard holds nothing back for a standing flag (`crate::standing`)
+        (Some(_), Some(_)) if flag.is_standing() => {
+            partition_takers(flag, part).map_or(0.0, |t| if empty { t.empty } else { t.in_use })
+        }
         (Some(_), Some(t)) => (if empty { t.empty } else { t.in_use }).max(guard_reach),
     };
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped below

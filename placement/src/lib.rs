@@ -37,6 +37,7 @@ pub mod pull;
 pub mod request;
 pub mod resources;
 pub mod shard;
+pub mod standing;
 pub mod step_aside;
 pub mod subjects;
 pub mod takers;

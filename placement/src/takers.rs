@@ -222,7 +222,7 @@ pub fn floor_of(flag: &BacklogFlag, part: u16) -> u8 {
 /// whose plan the flag can change: its takers there (every node for a flag that names none,
 /// from an older dispatcher; none in a partition with nothing waiting), and for a class the
 /// guard watches, at least the guard's share where requests wait (a node the guard elects
-/// holds back for the class).
+/// holds back for the class; not for a standing flag, `crate::standing`).
 pub fn acting_share(flag: &BacklogFlag, guard: &GuardConfig, part: u16, empty: bool) -> f64 {
     if flag.takers.is_none() {
         return 1.0;
@@ -231,7 +231,8 @@ pub fn acting_share(flag: &BacklogFlag, guard: &GuardConfig, part: u16, empty: b
         return 0.0;
     };
     let share = if empty { t.empty } else { t.in_use };
-    if flag.class.size >= guard.min_class {
+    // a standing flag holds nothing back (`crate::standing`)
+    if flag.class.size >= guard.min_class && !flag.is_standing() {
         share.max(guard.share)
     } else {
         share

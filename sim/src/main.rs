@@ -176,6 +176,11 @@ struct Common {
     /// dispatcher's `flag_after`).
     #[arg(long, default_value_t = duration_ms(DEFAULT_FLAG_AFTER))]
     flag_after_ms: u64,
+    /// updraft: a class asked for gets a standing flag (a few empty nodes pull it before any
+    /// of it waits) while the nodes in use have room for fewer than this many of its largest
+    /// request; 0 never raises one (the dispatcher's `standing_below`).
+    #[arg(long, default_value_t = placement::standing::DEFAULT_STANDING_BELOW)]
+    standing_below: u64,
     /// updraft: probability that a build fails.
     #[arg(long, default_value_t = 0.0)]
     build_failure_rate: f64,
@@ -307,6 +312,7 @@ impl Common {
         cfg.build_time = self.build_s * 1000;
         cfg.sweep_every = self.sweep_ms.max(1);
         cfg.flag_after = self.flag_after_ms;
+        cfg.standing_below = self.standing_below;
         cfg.deadline = self.deadline_s * 1000;
         cfg.build_failure_rate = self.build_failure_rate;
         cfg.node_death_rate = self.node_death_rate;

@@ -27,7 +27,8 @@ use placement::pull::{
     HeldCover, NodeProfile, PlanInput, PullConfig, PullDiff, diff_pulls, plan_pulls,
 };
 use placement::request::DEFAULT_DEADLINE_S;
-use placement::shard::{ClassKey, Routable};
+use placement::shard::{ClassKey, Routable, STD_CLASS};
+use placement::standing::node_room;
 use placement::step_aside::StepAside;
 use placement::takers::{DEFAULT_FLAG_AFTER, DEFAULT_SWEEP_INTERVAL};
 use placement::time::duration_ms;
@@ -106,6 +107,10 @@ pub struct UpdraftConfig {
     pub sweep_every: Millis,
     /// The dispatcher's `flag_after`: a class waiting this long is flagged, ms.
     pub flag_after: Millis,
+    /// The dispatcher's `standing_below`: a class asked for whose largest request the nodes
+    /// in use have room for fewer times than this gets a standing flag (0: never;
+    /// `placement::standing`).
+    pub standing_below: u64,
     /// Time between samples.
     pub sample_every: Millis,
     /// Seed.
@@ -143,6 +148,7 @@ impl UpdraftConfig {
             lease_ttl: 15_000,
             sweep_every: duration_ms(DEFAULT_SWEEP_INTERVAL),
             flag_after: duration_ms(DEFAULT_FLAG_AFTER),
+            standing_below: placement::standing::DEFAULT_STANDING_BELOW,
             sample_every: 300_000,
             seed,
         }
@@ -306,6 +312,12 @@ struct Sim<'a> {
     /// Per class, its nodes by partition and election draw (`placement::takers`), computed
     /// when the class is first flagged.
     draws: Vec<Option<backlog::ClassDraws>>,
+    /// The upper bound of each size of the `std` trait class (the only one the model's
+    /// workloads ask for).
+    bounds: Vec<Resources>,
+    /// Per size, how many requests of its bound the live nodes in use have room for
+    /// (`placement::standing::node_room`), kept as each node's room changes.
+    room: Vec<u64>,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -456,6 +468,21 @@ impl Sim<'_> {
         let free = node.alive.then(|| node.ledger.unallocated());
         let cap = node.ledger.capacity();
         let was_empty = st.free.is_some().then_some(st.is_empty);
+        let is_empty = free.as_ref() == Some(cap);
+        let before = st.free.as_ref().filter(|_| was_empty == Some(false));
+        let after = free.as_ref().filter(|_| !is_empty);
+        if before != after {
+            if let Some(f) = before {
+                for (r, n) in self.room.iter_mut().zip(node_room(f, &self.bounds)) {
+                    *r -= n;
+                }
+            }
+            if let Some(f) = after {
+                for (r, n) in self.room.iter_mut().zip(node_room(f, &self.bounds)) {
+                    *r += n;
+                }
+            }
+        }
         if st.free != free {
             if let Some(old) = &st.free {
                 self.tally.remove(cap, old);
@@ -465,7 +492,6 @@ impl Sim<'_> {
             }
             st.free.clone_from(&free);
         }
-        let is_empty = free.as_ref() == Some(cap);
         if free.is_some() && was_empty.is_some_and(|was| was != is_empty) {
             // the node's backlog flag keys change with it: its agent watches them anew
             // (placement::flag_writes)
@@ -795,6 +821,8 @@ pub fn run(
         .iter()
         .map(|n| n.capacity.clone())
         .fold(Resources::default(), |a, c| a.max(&c));
+    let std_class = placement::ids::TraitClassName::new(STD_CLASS).expect("static name");
+    let bounds: Vec<Resources> = cfg.map.upper_bounds(&std_class).collect();
     let mut seeder = ChaCha8Rng::seed_from_u64(cfg.seed);
     let sims: Vec<NodeSim> = nodes
         .iter()
@@ -847,6 +875,8 @@ pub fn run(
         last_sweep: 0,
         tally: FleetTally::default(),
         draws: Vec::new(),
+        room: vec![0; bounds.len()],
+        bounds,
     };
     // every node joins at time 0
     for n in 0..count {
@@ -877,6 +907,7 @@ pub fn run(
             now = next_sweep;
             if sim.waiting.iter().any(|w| !w.is_empty())
                 || !sim.flags.is_empty()
+                || sim.standing_due()
                 || now % 10_000 == 0
             {
                 sim.handle(now, Ev::Sweep, &mut workload, &mut next)?;

@@ -420,3 +420,45 @@ fn a_node_in_use_takes_a_class_its_credit_left_out_at_once() {
     assert!(with < 50, "with cover pulls: {with} ms");
     assert!(without >= 500, "without: {without} ms");
 }
+
+#[test]
+fn a_class_no_node_in_use_can_hold_is_taken_at_once_by_a_standing_flag() {
+    // nodes of 64 vCPU / 24 GiB: one 2 vCPU / 20 GiB VM on each node of pack tier 0 (the
+    // only tier that pulls without a flag) puts that tier in use with no room for a 2 vCPU /
+    // 16 GiB request (a class bounded by 16 vCPU / 16 GiB). Ten such requests, one every
+    // 30 s from 30 s on, can go only to nodes of later tiers. With standing flags (the class
+    // is asked for once the first has come, and the nodes in use have no room for it) a few
+    // of those pull the class before the next comes and take it at once; without, each
+    // waits for its spill deadline (500 ms) and the backlog flag.
+    let c = cluster(16, 64, 24);
+    let pull = updraft_cfg(Policy::Pack, 1).pull;
+    let tier0 = c
+        .nodes()
+        .unwrap()
+        .iter()
+        .filter(|n| pull.pack_tier(&n.id) == 0)
+        .count();
+    assert!((1..16).contains(&tier0), "{tier0} nodes of tier 0");
+    let mut rows: Vec<(u64, u64, u32, u64)> = (0..tier0).map(|_| (0, 3_600, 2, 20_480)).collect();
+    rows.extend((1..=10).map(|i| (30 * i, 20, 2, 16_384)));
+    let (_d, path) = trace(&rows);
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
+    let last_wait = |below: u64| {
+        let mut cfg = updraft_cfg(Policy::Pack, 1);
+        cfg.standing_below = below;
+        let r = updraft::run(c.nodes().unwrap(), w.open().unwrap(), &cfg).unwrap();
+        assert_eq!(r.placed, tier0 as u64 + 10, "{r:?}");
+        // each lives 20 s: one more host at a time
+        assert_eq!(r.peak_hosts, tier0 + 1, "{r:?}");
+        r.wait_by_class[&8].p50
+    };
+    let with = last_wait(placement::standing::DEFAULT_STANDING_BELOW);
+    let without = last_wait(0);
+    // the first of them waits for its flag either way (nothing asked for the class before)
+    assert!(with < 50, "with standing flags: p50 {with} ms");
+    assert!(without >= 500, "without: p50 {without} ms");
+}

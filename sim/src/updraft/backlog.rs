@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use placement::Resources;
 use placement::Timestamp;
 use placement::flag_writes::{draw_bucket, flag_writes};
+use placement::ids::TraitClassName;
 use placement::policy::{Policy, election_draw, guard_target};
+use placement::shard::{ClassKey, STD_CLASS};
+use placement::standing::standing_flag;
 use placement::takers::{
     Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers, tier_above_floor,
 };
@@ -79,11 +82,17 @@ impl Sim<'_> {
             .collect();
         let mut flags = Vec::new();
         let mut set = BTreeSet::new();
-        for ci in backed_up {
-            let ci32 = u32::try_from(ci).unwrap_or(u32::MAX);
+        for ci in &backed_up {
+            let ci32 = u32::try_from(*ci).unwrap_or(u32::MAX);
             self.ensure_draws(ci32);
             flags.push(self.measure(ci32, now));
             set.insert(ci32);
+        }
+        for f in self.standing_flags(&set, now) {
+            if let Some(ci) = self.class_ix.get(&f.class) {
+                set.insert(*ci);
+            }
+            flags.push(f);
         }
         // which partitions' takers changed, and the shares (old or new) that act in each
         let cfg = self.cfg;
@@ -149,6 +158,66 @@ impl Sim<'_> {
                 self.replan(n, now);
             }
         }
+    }
+
+    /// The sizes of the `std` class that are asked for (their demand, as last published) and
+    /// for whose bound the nodes in use have room fewer than `standing_below` times.
+    fn short_sizes(&self) -> impl Iterator<Item = u8> + '_ {
+        let below = if self.cfg.pull.policy == Policy::Pack {
+            self.cfg.standing_below
+        } else {
+            0
+        };
+        self.demand
+            .iter()
+            .filter(move |d| {
+                d.per_min > 0.0
+                    && d.tclass.as_str() == STD_CLASS
+                    && self
+                        .room
+                        .get(usize::from(d.size))
+                        .is_some_and(|r| *r < below)
+            })
+            .map(|d| d.size)
+    }
+
+    /// Whether a sweep could raise a standing flag now.
+    pub(super) fn standing_due(&self) -> bool {
+        self.short_sizes().next().is_some()
+    }
+
+    /// The standing flags of this sweep (`placement::standing`), as
+    /// `dispatcher/src/timekeeper.rs` raises them: for each short size
+    /// ([`Self::short_sizes`]) whose class is not backed up (`backed_up`).
+    fn standing_flags(&mut self, backed_up: &BTreeSet<u32>, now: Millis) -> Vec<BacklogFlag> {
+        let sizes: Vec<u8> = self.short_sizes().collect();
+        let mut out = Vec::new();
+        for size in sizes {
+            let class = ClassKey {
+                zone: self.zone.clone(),
+                tclass: TraitClassName::new(STD_CLASS).expect("static name"),
+                size,
+            };
+            let ci = self.class_index(&class);
+            if backed_up.contains(&ci) {
+                continue;
+            }
+            self.ensure_draws(ci);
+            let bound = self.bounds[usize::from(size)].clone();
+            let prev = self.flags.iter().find(|f| f.class == class);
+            let parts = self.cfg.map.partitions(size);
+            if let Some(f) = standing_flag(
+                class.clone(),
+                bound.clone(),
+                parts,
+                |part| self.eligible_draws(ci, part, &bound, true),
+                prev,
+                Timestamp(now),
+            ) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     /// Class `ci`'s flag as the dispatcher measures it now (its queue is backed up): depth,
