@@ -80,7 +80,7 @@ async fn place(h: &Harness, id: &str, within: Duration) -> (Option<Duration>, bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn empty_nodes_of_a_late_tier_pull_a_class_no_node_in_use_can_hold() {
-    let h = start(placement::standing::DEFAULT_STANDING_BELOW).await;
+    let h = start(placement::standing::MEASURED_STANDING_BELOW).await;
     // no node in use, so no room for any class: once the dispatcher's demand figures name
     // the class (the request itself), its next sweep raises a standing flag whose floor is
     // the last tier, and the elected nodes pull the class at once; without it the request

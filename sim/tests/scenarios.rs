@@ -456,7 +456,7 @@ fn a_class_no_node_in_use_can_hold_is_taken_at_once_by_a_standing_flag() {
         assert_eq!(r.peak_hosts, tier0 + 1, "{r:?}");
         r.wait_by_class[&8].p50
     };
-    let with = last_wait(placement::standing::DEFAULT_STANDING_BELOW);
+    let with = last_wait(placement::standing::MEASURED_STANDING_BELOW);
     let without = last_wait(0);
     // the first of them waits for its flag either way (nothing asked for the class before)
     assert!(with < 50, "with standing flags: p50 {with} ms");
