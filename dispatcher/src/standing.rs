@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use placement::ids::{NodeId, TraitClassName};
+use placement::pull::how_many;
 use placement::shard::{ClassKey, ShardMap};
-use placement::standing::{room_in_use, standing_flag};
+use placement::standing::{room_in_use, standing_flag, standing_takers};
 use placement::takers::{draws_in, eligible_draws};
 use placement::wire::{BacklogFlag, NodeAdvert, WIRE_VERSION};
 use placement::{Resources, Timestamp, Zone};
@@ -84,11 +85,23 @@ pub fn standing_flags(
             takers: None,
         };
         let draws = eligible_draws(adverts.values(), map, &probe);
+        // how many of the bound the smallest empty node that could take one holds
+        let per_node = adverts
+            .values()
+            .filter(|a| a.takes_work() && a.zone == class.zone)
+            .filter(|a| a.unallocated == a.capacity && bound.fits(&a.capacity))
+            .filter(|a| map.pulls_class(&a.traits, &class.tclass))
+            .map(|a| u64::from(how_many(&a.capacity, &bound)))
+            .min()
+            .unwrap_or(1);
+        let parts = map.partitions(class.size);
+        let wanted = standing_takers(below, room[size], per_node, parts);
         let before = prev(class);
         if let Some(f) = standing_flag(
             class.clone(),
             bound,
-            map.partitions(class.size),
+            parts,
+            wanted,
             |part| draws_in(&draws, part, true),
             before.as_ref(),
             now,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bus::Versioned;
+use placement::demand::DecayedCount;
 use placement::lifecycle::{RequestRecord, State};
 use placement::shard::ClassKey;
 use placement::wire::NodeAdvert;
@@ -19,8 +20,6 @@ const LATENCY_SAMPLES: usize = 4096;
 const RECENT_FAILURES: usize = 50;
 /// Window of the placement rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
-/// Time constant of the per-class demand average.
-const DEMAND_TAU_MIN: f64 = 5.0;
 
 /// What changed when a record was applied (the reactions key off this).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +72,7 @@ pub struct View {
     to_active_ms: VecDeque<u64>,
     to_claim_ms: VecDeque<u64>,
     failures: VecDeque<FailureNote>,
-    demand: BTreeMap<ClassKey, (f64, Timestamp)>,
+    demand: BTreeMap<ClassKey, DecayedCount>,
 }
 
 fn push_capped<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
@@ -97,10 +96,6 @@ fn shape_of(a: &NodeAdvert) -> ShapeKey {
     let mut traits = a.traits.clone();
     traits.sort();
     (a.zone.clone(), traits, a.capacity.clone())
-}
-
-fn decay(from: Timestamp, to: Timestamp) -> f64 {
-    (-(to.since(from).as_secs_f64() / 60.0) / DEMAND_TAU_MIN).exp()
 }
 
 fn percentile(samples: &VecDeque<u64>, p: f64) -> Option<u64> {
@@ -436,18 +431,18 @@ impl View {
     }
 
     fn note_arrival(&mut self, class: ClassKey, at: Timestamp) {
-        let e = self.demand.entry(class).or_insert((0.0, at));
-        let (v, t_ref) = *e;
-        let t = t_ref.max(at);
-        *e = (v * decay(t_ref, t) + decay(at, t), t);
+        self.demand
+            .entry(class)
+            .or_insert_with(|| DecayedCount::new(at))
+            .note(at);
     }
 
-    /// Requests per minute per class, recently (exponentially decayed, 5-minute constant).
+    /// Requests per minute per class, recently (`placement::demand`: exponentially decayed,
+    /// 5-minute constant), of the classes that count as asked for.
     pub fn demand(&self, now: Timestamp) -> BTreeMap<ClassKey, f64> {
         self.demand
             .iter()
-            .map(|(k, (v, t))| (k.clone(), v * decay(*t, now.max(*t)) / DEMAND_TAU_MIN))
-            .filter(|(_, r)| *r >= 0.01)
+            .filter_map(|(k, c)| Some((k.clone(), c.asked_for(now)?)))
             .collect()
     }
 

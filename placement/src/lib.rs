@@ -26,6 +26,7 @@
 //! * `trace`: workload trace lines (the Azure trace and a simple format of our own).
 
 pub mod checks;
+pub mod demand;
 pub mod explain;
 pub mod flag_writes;
 pub mod flavor;

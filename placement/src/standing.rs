@@ -9,13 +9,14 @@
 //! in 4 ms (docs/sim.md). A central scheduler sees that room is short before the request
 //! comes; the dispatcher sees it too, in the nodes' advertisements.
 //!
-//! So for each class that is asked for ([`crate::wire::ClassDemand`]) and not backed up, the
+//! So for each class that is asked for ([`crate::demand`]) and not backed up, the
 //! dispatcher counts how many requests of the class's upper bound the nodes in use have room
 //! for ([`room_in_use`]); below [`DEFAULT_STANDING_BELOW`] it raises a *standing* flag
 //! ([`standing_flag`]): no request waits (`depth` 0), so no node in use acts on it and nothing
 //! is held back for it (`since` is [`Timestamp::NEVER`], which near-fit takers and the
-//! starvation guard never reach); it elects [`crate::takers::MIN_TAKERS`] empty nodes per
-//! partition and names the lowest pack tier among them as its floor, so that the elected
+//! starvation guard never reach); it elects as many empty nodes per partition as the
+//! shortfall needs ([`standing_takers`]: the requests of the bound short of the threshold, at
+//! most [`crate::takers::MIN_TAKERS`]) and names the lowest pack tier among them as its floor, so that the elected
 //! empty nodes of that tier pull the class at once, one message each, at their empty priority.
 //! A burst of the class then opens those few hosts at once, and the rest of it follows into
 //! them as soon as they re-plan as nodes in use. When requests of the class do wait, the
@@ -23,15 +24,12 @@
 
 use crate::resources::Resources;
 use crate::shard::ClassKey;
-use crate::takers::{Draw, PartitionTakers, empty_floor, settle_share};
+use crate::takers::{Draw, MIN_TAKERS, PartitionTakers, empty_floor, settle_share_of};
 use crate::time::Timestamp;
 use crate::wire::{BacklogFlag, WIRE_VERSION};
 
-/// Default `standing_below`: off (0) until two costs are dealt with (docs/sim.md): the
-/// simulator's 100,000-node scale run, where some class is short of room at every sweep, ran
-/// over ten times longer, and a scenario of repeated build failures on a full cluster failed
-/// more requests. See [`MEASURED_STANDING_BELOW`] for the setting measured.
-pub const DEFAULT_STANDING_BELOW: u64 = 0;
+/// Default `standing_below`: the setting measured ([`MEASURED_STANDING_BELOW`]).
+pub const DEFAULT_STANDING_BELOW: u64 = MEASURED_STANDING_BELOW;
 
 /// The setting measured with the simulator: 1 (only when no node in use has room) left a burst
 /// of the class waiting for its backlog flag once the room it found was used (3-day trace s12
@@ -82,16 +80,30 @@ pub fn room_in_use<'a>(
     room
 }
 
+/// How many empty nodes per partition a standing flag elects: enough to hold the shortfall
+/// (`below - room` requests of the class's bound, where the nodes in use have `room`) when
+/// each holds `per_node` of them, spread over the class's `partitions` (requests are routed
+/// to them evenly); at least one, at most [`MIN_TAKERS`]. Each elected node that takes one
+/// opens a host, so a flag electing more than the shortfall needs spreads a burst over more
+/// hosts than pack would.
+pub fn standing_takers(below: u64, room: u64, per_node: u64, partitions: u16) -> u64 {
+    let nodes = below.saturating_sub(room).div_ceil(per_node.max(1));
+    nodes
+        .div_ceil(u64::from(partitions.max(1)))
+        .clamp(1, MIN_TAKERS)
+}
+
 /// The standing flag of `class` (see the module's documentation), upper bound `bound`, over
 /// its `partitions`: in each partition with an empty node that has room for the bound
-/// (`empty(part)`: their draws, ascending), the share of them that elects
-/// [`crate::takers::MIN_TAKERS`] (or the `prev` flag's share while it still elects between
-/// half and twice that many), none of its nodes in use, and the lowest tier among the elected
-/// as its floor. None when no partition has such an empty node.
+/// (`empty(part)`: their draws, ascending), the share of them that elects `wanted`
+/// ([`standing_takers`]; or the `prev` flag's share while it still elects between half and
+/// twice that many), none of its nodes in use, and the lowest tier among the elected as its
+/// floor. None when no partition has such an empty node.
 pub fn standing_flag<I: IntoIterator<Item = Draw>>(
     class: ClassKey,
     bound: Resources,
     partitions: u16,
+    wanted: u64,
     empty: impl Fn(u16) -> I,
     prev: Option<&BacklogFlag>,
     now: Timestamp,
@@ -104,7 +116,7 @@ pub fn standing_flag<I: IntoIterator<Item = Draw>>(
                 .filter(|f| f.is_standing())
                 .and_then(|f| crate::takers::partition_takers(f, part))
                 .map(|t| t.empty);
-            let share = settle_share(draws.map(|d| d.draw), 0, before);
+            let share = settle_share_of(draws.map(|d| d.draw), wanted, before);
             Some(PartitionTakers {
                 part,
                 in_use: 0.0,
@@ -169,6 +181,7 @@ mod tests {
             class(12),
             Resources::new(64, 65536, 640),
             2,
+            MIN_TAKERS,
             |part| if part == 0 { draws.clone() } else { Vec::new() },
             None,
             Timestamp(5),
@@ -188,12 +201,57 @@ mod tests {
                 class(12),
                 Resources::new(1, 1, 1),
                 2,
+                MIN_TAKERS,
                 |_| Vec::<Draw>::new(),
                 None,
                 Timestamp(5),
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn a_standing_flag_elects_as_many_as_the_shortfall_needs() {
+        // 32 wanted, room for 5: 27 requests; 9 a node: 3 nodes, over one partition
+        assert_eq!(standing_takers(32, 5, 9, 1), 3);
+        // over two partitions: 2 each
+        assert_eq!(standing_takers(32, 5, 9, 2), 2);
+        // small requests: one node holds them all, but each partition needs one
+        assert_eq!(standing_takers(32, 0, 64, 4), 1);
+        // large ones: at most MIN_TAKERS
+        assert_eq!(standing_takers(32, 0, 1, 1), MIN_TAKERS);
+        assert_eq!(standing_takers(32, 0, 0, 0), MIN_TAKERS);
+        let draws: Vec<Draw> = (0..40u8)
+            .map(|i| Draw {
+                draw: f64::from(i) / 40.0,
+                tier: i / 10,
+            })
+            .collect();
+        let f = standing_flag(
+            class(12),
+            Resources::new(8, 57344, 0),
+            1,
+            3,
+            |_| draws.clone(),
+            None,
+            Timestamp(5),
+        )
+        .unwrap();
+        let t = &f.takers.as_ref().unwrap()[0];
+        assert_eq!(draws.iter().filter(|d| d.draw < t.empty).count(), 3);
+        // kept while it elects one to six; not once it elects none
+        let again = standing_flag(
+            class(12),
+            Resources::new(8, 57344, 0),
+            1,
+            3,
+            |_| draws[3..].to_vec(),
+            Some(&f),
+            Timestamp(6),
+        )
+        .unwrap();
+        let t2 = &again.takers.as_ref().unwrap()[0];
+        assert_eq!(draws[3..].iter().filter(|d| d.draw < t2.empty).count(), 3);
     }
 
     #[test]
@@ -211,6 +269,7 @@ mod tests {
             class(3),
             bound.clone(),
             1,
+            MIN_TAKERS,
             |_| draws(100),
             None,
             Timestamp(0),
@@ -220,6 +279,7 @@ mod tests {
             class(3),
             bound.clone(),
             1,
+            MIN_TAKERS,
             |_| draws(90),
             Some(&first),
             Timestamp(1),
@@ -237,6 +297,7 @@ mod tests {
             class(3),
             bound,
             1,
+            MIN_TAKERS,
             |_| draws(100),
             Some(&backlog),
             Timestamp(1),

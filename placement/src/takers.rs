@@ -108,7 +108,18 @@ pub fn settle_share(
     depth: u64,
     previous: Option<f64>,
 ) -> f64 {
-    let wanted = takers_wanted(depth);
+    settle_share_of(sorted_draws, takers_wanted(depth), previous)
+}
+
+/// [`settle_share`] for `wanted` nodes (at least one): the share that elects that many, or
+/// the `previous` share while it still elects between half and twice that many (and at least
+/// one).
+pub fn settle_share_of(
+    sorted_draws: impl IntoIterator<Item = f64>,
+    wanted: u64,
+    previous: Option<f64>,
+) -> f64 {
+    let wanted = wanted.max(1);
     let mut kept: u64 = 0;
     let mut nth = None;
     for (i, d) in (0u64..).zip(sorted_draws) {
@@ -125,7 +136,7 @@ pub fn settle_share(
         }
     }
     match previous {
-        Some(p) if kept >= wanted / 2 && kept <= wanted.saturating_mul(2) => p,
+        Some(p) if kept >= (wanted / 2).max(1) && kept <= wanted.saturating_mul(2) => p,
         _ => nth.unwrap_or(1.0),
     }
 }

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use placement::demand::DecayedCount;
 use placement::ledger::{NodeLedger, PullId};
 use placement::policy::Policy;
 use placement::pull::{
@@ -255,8 +256,11 @@ enum Ev {
     Depart {
         req: u64,
     },
+    /// The spill deadline of one attempt of a request (a requeued request waits on the fit
+    /// lane for a spill deadline of its own, as the dispatcher dates it from `queued_at`).
     Spill {
         req: u64,
+        attempt: u32,
     },
     Deadline {
         req: u64,
@@ -298,8 +302,10 @@ struct Sim<'a> {
     /// What each flagged class's keys hold, as the dispatcher wrote them
     /// (`placement::flag_writes`).
     written: BTreeMap<u32, placement::flag_writes::StoredFlag>,
+    /// Class demand as last published (every 10 s).
     demand: Vec<DemandEntry>,
-    arrivals_window: Vec<u64>,
+    /// Each class's arrivals, decayed as the dispatcher counts them (`placement::demand`).
+    arrivals: Vec<DecayedCount>,
     q: EventQueue<Ev>,
     rng: ChaCha8Rng,
     rec: Recorder,
@@ -318,6 +324,9 @@ struct Sim<'a> {
     /// Per size, how many requests of its bound the live nodes in use have room for
     /// (`placement::standing::node_room`), kept as each node's room changes.
     room: Vec<u64>,
+    /// Per size, how many requests of its bound the smallest node shape that holds one holds
+    /// while empty (`placement::standing::standing_takers`).
+    per_node: Vec<u64>,
 }
 
 fn rid(seq: u64) -> RequestId {
@@ -358,7 +367,7 @@ impl Sim<'_> {
         self.classes.push(c.clone());
         self.class_ix.insert(c.clone(), i);
         self.waiting.push(BTreeSet::new());
-        self.arrivals_window.push(0);
+        self.arrivals.push(DecayedCount::new(Timestamp(0)));
         i
     }
 
@@ -528,9 +537,12 @@ impl Sim<'_> {
             return;
         }
         r.state = ReqState::Waiting;
-        let (class, at, shard) = (r.class, r.at, r.shard);
+        let (class, at, shard, size, attempt) = (r.class, r.at, r.shard, r.size, r.attempt);
         self.waiting[class as usize].insert((at, seq));
         self.publish(seq, Self::lane_of(shard, Lane::Fit), now);
+        let spill = self.spill_ms(size);
+        self.q
+            .push(now.saturating_add(spill), Ev::Spill { req: seq, attempt });
     }
 
     fn handle(
@@ -633,8 +645,12 @@ impl Sim<'_> {
                 self.hosts_changed(now);
                 self.replan(node, now);
             }
-            Ev::Spill { req } => {
-                if let Some(r) = self.reqs.get(&req).filter(|r| r.state == ReqState::Waiting) {
+            Ev::Spill { req, attempt } => {
+                if let Some(r) = self
+                    .reqs
+                    .get(&req)
+                    .filter(|r| r.state == ReqState::Waiting && r.attempt == attempt)
+                {
                     let lane = Self::lane_of(r.shard, Lane::Spill);
                     self.rec.count("spilled", 1);
                     self.publish(req, lane, now);
@@ -720,7 +736,7 @@ impl Sim<'_> {
         let size = shard.size;
         let si = self.shard_index(&shard);
         self.waiting[class as usize].insert((a.at, a.seq));
-        self.arrivals_window[class as usize] += 1;
+        self.arrivals[class as usize].note(Timestamp(now));
         self.reqs.insert(
             a.seq,
             Req {
@@ -737,8 +753,13 @@ impl Sim<'_> {
         );
         self.publish(a.seq, Self::lane_of(si, Lane::Fit), now);
         let spill = self.spill_ms(size);
-        self.q
-            .push(now.saturating_add(spill), Ev::Spill { req: a.seq });
+        self.q.push(
+            now.saturating_add(spill),
+            Ev::Spill {
+                req: a.seq,
+                attempt: 1,
+            },
+        );
         self.q.push(
             now.saturating_add(self.cfg.deadline),
             Ev::Deadline { req: a.seq },
@@ -823,6 +844,23 @@ pub fn run(
         .fold(Resources::default(), |a, c| a.max(&c));
     let std_class = placement::ids::TraitClassName::new(STD_CLASS).expect("static name");
     let bounds: Vec<Resources> = cfg.map.upper_bounds(&std_class).collect();
+    let mut shapes: Vec<&Resources> = Vec::new();
+    for n in &nodes {
+        if !shapes.contains(&&n.capacity) {
+            shapes.push(&n.capacity);
+        }
+    }
+    let per_node = bounds
+        .iter()
+        .map(|b| {
+            shapes
+                .iter()
+                .filter(|c| b.fits(c))
+                .map(|c| u64::from(placement::pull::how_many(c, b)))
+                .min()
+                .unwrap_or(1)
+        })
+        .collect();
     let mut seeder = ChaCha8Rng::seed_from_u64(cfg.seed);
     let sims: Vec<NodeSim> = nodes
         .iter()
@@ -866,7 +904,7 @@ pub fn run(
         flag_set: BTreeSet::new(),
         written: BTreeMap::new(),
         demand: Vec::new(),
-        arrivals_window: Vec::new(),
+        arrivals: Vec::new(),
         q: EventQueue::default(),
         rng: ChaCha8Rng::seed_from_u64(seeder.random()),
         rec: Recorder::default(),
@@ -877,6 +915,7 @@ pub fn run(
         draws: Vec::new(),
         room: vec![0; bounds.len()],
         bounds,
+        per_node,
     };
     // every node joins at time 0
     for n in 0..count {

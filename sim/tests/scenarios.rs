@@ -369,7 +369,10 @@ fn requests_the_scheduler_cannot_reach_before_their_deadline_fail() {
 fn a_node_that_hands_a_request_back_lets_a_peer_take_it() {
     // under pack the fullest node is the first in line for every request; when a build fails
     // there, the request comes back excluding it. Were it to stay first in line, every
-    // redelivery would come back to it until the deadline failed the request.
+    // redelivery would come back to it until the deadline failed the request. And a request
+    // handed back waits on its fit lane for a spill deadline of its own: one a full-fit empty
+    // node took first (a standing flag elects some) would otherwise sit where no node in use,
+    // short of its bound, pulls, until its deadline.
     let rows: Vec<_> = (0..40).map(|i| (i, 3_600, 2, 8192)).collect();
     let (_d, path) = trace(&rows);
     let w = WorkloadSpec::Trace {

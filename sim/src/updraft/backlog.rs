@@ -10,7 +10,7 @@ use placement::flag_writes::{draw_bucket, flag_writes};
 use placement::ids::TraitClassName;
 use placement::policy::{Policy, election_draw, guard_target};
 use placement::shard::{ClassKey, STD_CLASS};
-use placement::standing::standing_flag;
+use placement::standing::{standing_flag, standing_takers};
 use placement::takers::{
     Draw, WaitingByPartition, acting_share, flag_since, floor_of, settle_takers, tier_above_floor,
 };
@@ -126,7 +126,7 @@ impl Sim<'_> {
         self.flag_set = set;
         let prev = std::mem::replace(&mut self.last_sweep, now);
         if now / 10_000 != prev / 10_000 || now == 0 {
-            self.update_demand();
+            self.update_demand(now);
         }
         if !changed.is_empty() {
             self.rec.count("flag_changes", 1);
@@ -161,18 +161,15 @@ impl Sim<'_> {
     }
 
     /// The sizes of the `std` class that are asked for (their demand, as last published) and
-    /// for whose bound the nodes in use have room fewer than `standing_below` times.
+    /// for whose bound the nodes in use have room fewer than `standing_below` times. Under
+    /// every policy, as the dispatcher, which does not know the nodes' policy, raises them
+    /// (under spread every empty node pulls every class anyway, so they change no plan).
     fn short_sizes(&self) -> impl Iterator<Item = u8> + '_ {
-        let below = if self.cfg.pull.policy == Policy::Pack {
-            self.cfg.standing_below
-        } else {
-            0
-        };
+        let below = self.cfg.standing_below;
         self.demand
             .iter()
             .filter(move |d| {
-                d.per_min > 0.0
-                    && d.tclass.as_str() == STD_CLASS
+                d.tclass.as_str() == STD_CLASS
                     && self
                         .room
                         .get(usize::from(d.size))
@@ -206,10 +203,17 @@ impl Sim<'_> {
             let bound = self.bounds[usize::from(size)].clone();
             let prev = self.flags.iter().find(|f| f.class == class);
             let parts = self.cfg.map.partitions(size);
+            let wanted = standing_takers(
+                self.cfg.standing_below,
+                self.room[usize::from(size)],
+                self.per_node[usize::from(size)],
+                parts,
+            );
             if let Some(f) = standing_flag(
                 class.clone(),
                 bound.clone(),
                 parts,
+                wanted,
                 |part| self.eligible_draws(ci, part, &bound, true),
                 prev,
                 Timestamp(now),
@@ -341,26 +345,22 @@ impl Sim<'_> {
         }
     }
 
-    /// Requests per minute over the last 10 s, decayed.
-    fn update_demand(&mut self) {
-        for (ci, n) in self.arrivals_window.iter_mut().enumerate() {
-            let c = &self.classes[ci];
-            #[allow(clippy::cast_precision_loss)]
-            let rate = *n as f64 * 6.0;
-            *n = 0;
-            match self
-                .demand
-                .iter_mut()
-                .find(|d| d.tclass == c.tclass && d.size == c.size)
-            {
-                Some(d) => d.per_min = 0.7 * d.per_min + 0.3 * rate,
-                None => self.demand.push(DemandEntry {
+    /// The class demand the dispatcher publishes at `now` (`placement::demand`): each class's
+    /// recent rate, rounded to hundredths, of the classes that count as asked for.
+    fn update_demand(&mut self, now: Millis) {
+        self.demand = self
+            .arrivals
+            .iter()
+            .zip(&self.classes)
+            .filter_map(|(a, c)| {
+                let rate = a.asked_for(Timestamp(now))?;
+                Some(DemandEntry {
                     tclass: c.tclass.clone(),
                     size: c.size,
-                    per_min: rate,
-                }),
-            }
-        }
+                    per_min: (rate * 100.0).round() / 100.0,
+                })
+            })
+            .collect();
     }
 
     /// The election draws, ascending, of partition `part` of class `ci`'s live nodes (empty
