@@ -191,6 +191,17 @@ mod tests {
         assert_eq!(t.in_use, 0.0);
         assert!(t.empty > 0.0);
         assert_eq!(t.empty_floor, 1, "the empty nodes' tier");
+        // as many empty nodes as hold the 16 the nodes in use have no room for
+        let bound = map.upper_bound(&large.tclass, large.size);
+        let per_node = u64::from(how_many(&full, &bound));
+        let wanted = standing_takers(16, 0, per_node, map.partitions(large.size));
+        let elected = adverts
+            .values()
+            .filter(|a| a.unallocated == a.capacity)
+            .filter(|a| placement::policy::election_draw(&a.node, &large) < t.empty)
+            .count();
+        assert_eq!(elected as u64, wanted);
+        assert!(wanted < 20, "fewer than every empty node");
         // backed up: the backlog flag stands instead
         assert!(standing_flags(&input, |c| *c == large, |_| None).is_empty());
         // off
