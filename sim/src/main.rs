@@ -178,7 +178,7 @@ struct Common {
     flag_after_ms: u64,
     /// updraft: a class asked for gets a standing flag (a few empty nodes pull it before any
     /// of it waits) while the nodes in use have room for fewer than this many of its largest
-    /// request; 0 never raises one (the dispatcher's `standing_below`, default 32: the setting
+    /// request; 0 never raises one (the dispatcher's `standing_below`, default 40: the setting
     /// measured in docs/sim.md).
     #[arg(long, default_value_t = placement::standing::DEFAULT_STANDING_BELOW)]
     standing_below: u64,
