@@ -534,7 +534,7 @@ impl Dispatcher {
                 .map(|(k, r)| DemandEntry {
                     tclass: k.tclass.clone(),
                     size: k.size,
-                    per_min: (r * 100.0).round() / 100.0,
+                    per_min: placement::demand::published(*r),
                 })
                 .collect();
             let due = {

@@ -50,6 +50,12 @@ impl DecayedCount {
     }
 }
 
+/// A rate as the dispatcher publishes it in a zone's demand (and the simulator models it):
+/// rounded to hundredths of a request per minute.
+pub fn published(rate: f64) -> f64 {
+    (rate * 100.0).round() / 100.0
+}
+
 /// The share of a count left after the time from `from` to `to`.
 fn decay(from: Timestamp, to: Timestamp) -> f64 {
     (-(to.since(from).as_secs_f64() / 60.0) / DEMAND_TAU_MIN).exp()
@@ -90,6 +96,12 @@ mod tests {
         }
         assert!(c.asked_for(Timestamp(30 * MIN)).is_some());
         assert_eq!(c.asked_for(Timestamp(60 * MIN)), None);
+    }
+
+    #[test]
+    fn a_published_rate_is_rounded_to_hundredths() {
+        assert_eq!(published(1.234_9), 1.23);
+        assert_eq!(published(MIN_DEMAND_PER_MIN), 0.01);
     }
 
     #[test]

@@ -357,7 +357,7 @@ impl Sim<'_> {
                 Some(DemandEntry {
                     tclass: c.tclass.clone(),
                     size: c.size,
-                    per_min: (rate * 100.0).round() / 100.0,
+                    per_min: placement::demand::published(rate),
                 })
             })
             .collect();
