@@ -121,6 +121,20 @@ pub struct Harness {
     opts: HarnessOptions,
 }
 
+/// `count` node names, `late-000` on, that the default pull config puts in its last pack tier
+/// (a tier that pulls nothing without a backlog flag's floor).
+pub fn last_tier_names(count: usize) -> Vec<String> {
+    let pull = placement::pull::PullConfig::default();
+    let last = pull.open_tiers - 1;
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("late-{i:03}"))
+        .filter(|n| placement::NodeId::new(n.as_str()).is_ok_and(|id| pull.pack_tier(&id) == last))
+        .take(count)
+        .collect();
+    assert_eq!(names.len(), count, "last-tier names");
+    names
+}
+
 /// A dispatcher config for tests.
 pub fn dispatcher_config(url: &str, opts: &HarnessOptions) -> dispatcher::Config {
     let mut c = dispatcher::Config::default();

@@ -374,7 +374,6 @@ async fn a_node_in_use_gets_the_flags_meant_for_nodes_in_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_first() {
-    use placement::NodeId;
     use placement::pull::PullConfig;
 
     // every node is empty and of the last pack tier: without the flag's tier floor, a request
@@ -389,12 +388,7 @@ async fn a_backlog_only_empty_nodes_of_a_late_tier_can_take_opens_that_tier_firs
     .unwrap();
     let pull = PullConfig::default();
     let last = pull.open_tiers - 1;
-    let names: Vec<String> = (0..200)
-        .map(|i| format!("late-{i:03}"))
-        .filter(|n| pull.pack_tier(&NodeId::new(n.as_str()).unwrap()) == last)
-        .take(3)
-        .collect();
-    assert_eq!(names.len(), 3);
+    let names = e2e::harness::last_tier_names(3);
     for n in &names {
         h.add_agent_with(n, Resources::new(16, 32 * 1024, 1000), |c| {
             c.pull.open_tiers = pull.open_tiers;

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use e2e::harness::{Harness, HarnessOptions, is_active};
+use placement::Resources;
 use placement::pull::PullConfig;
-use placement::{NodeId, Resources};
 use serde_json::json;
 
 /// The spill deadline and `flag_after`: a request placed sooner was not moved by a backlog
@@ -28,13 +28,7 @@ async fn start(standing_below: u64) -> Harness {
     .await
     .unwrap();
     let pull = PullConfig::default();
-    let last = pull.open_tiers - 1;
-    let names: Vec<String> = (0..200)
-        .map(|i| format!("late-{i:03}"))
-        .filter(|n| pull.pack_tier(&NodeId::new(n.as_str()).unwrap()) == last)
-        .take(3)
-        .collect();
-    assert_eq!(names.len(), 3);
+    let names = e2e::harness::last_tier_names(3);
     for n in &names {
         h.add_agent_with(n, Resources::new(16, 24 * 1024, 400), |c| {
             c.pull.open_tiers = pull.open_tiers;
