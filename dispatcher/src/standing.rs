@@ -116,35 +116,15 @@ pub fn standing_flags(
 mod tests {
     use super::*;
     use placement::shard::default_shard_map;
-    use placement::wire::NodeState;
-    use placement::{AllocationRatios, Epoch};
 
+    /// An active 256 vCPU / 512 GiB node of pack tier 1 with `free` unallocated.
     fn advert(id: &str, free: Resources) -> NodeAdvert {
-        let capacity = Resources::new(256, 512 * 1024, 2000);
-        NodeAdvert {
-            v: WIRE_VERSION,
-            node: NodeId::new(id).unwrap(),
-            epoch: Epoch(1),
-            zone: Zone::new("az1").unwrap(),
-            traits: vec![],
-            totals: Resources::new(64, 512 * 1024, 2000),
-            reserved: Resources::default(),
-            ratios: AllocationRatios::default(),
-            capacity,
-            unallocated: free,
-            vms: 0,
-            building: 0,
-            state: NodeState::Active,
-            state_reason: None,
-            overcommitted: false,
-            agent_version: "test".into(),
-            driver: "memory".into(),
-            started_at: Timestamp(0),
-            heartbeat_at: Timestamp(0),
-            public_key: None,
-            pack_tier: 1,
-            guard: Default::default(),
-        }
+        let mut a = crate::view::tests_support::advert(&NodeId::new(id).unwrap(), None);
+        a.totals = Resources::new(64, 512 * 1024, 2000);
+        a.capacity = Resources::new(256, 512 * 1024, 2000);
+        a.unallocated = free;
+        a.pack_tier = 1;
+        a
     }
 
     fn class(map: &ShardMap, size: u8) -> ClassKey {
