@@ -179,6 +179,15 @@ pub(crate) mod tests {
     use crate::resources::{AllocationRatios, Resources};
     use crate::time::Timestamp;
 
+    /// Size class `size` of the `std` trait class in zone az1.
+    pub(crate) fn class(size: u8) -> crate::shard::ClassKey {
+        crate::shard::ClassKey {
+            zone: Zone::new("az1").unwrap(),
+            tclass: crate::ids::TraitClassName::new("std").unwrap(),
+            size,
+        }
+    }
+
     /// A test advert: `cap_gib` of memory, `free_gib` unallocated, in zone az1, no traits.
     pub(crate) fn advert(id: &str, cap_gib: u64, free_gib: u64, state: NodeState) -> NodeAdvert {
         NodeAdvert {

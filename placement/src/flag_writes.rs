@@ -288,7 +288,7 @@ pub fn flag_writes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{TraitClassName, Zone};
+    use crate::explain::tests::class;
     use crate::policy::GuardConfig;
     use crate::resources::Resources;
     use crate::takers::acts_on;
@@ -301,14 +301,6 @@ mod tests {
             in_use,
             empty,
             empty_floor: 0,
-        }
-    }
-
-    fn class(size: u8) -> ClassKey {
-        ClassKey {
-            zone: Zone::new("az1").unwrap(),
-            tclass: TraitClassName::new("std").unwrap(),
-            size,
         }
     }
 

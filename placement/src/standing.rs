@@ -143,15 +143,7 @@ pub fn standing_flag<I: IntoIterator<Item = Draw>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{TraitClassName, Zone};
-
-    fn class(size: u8) -> ClassKey {
-        ClassKey {
-            zone: Zone::new("az1").unwrap(),
-            tclass: TraitClassName::new("std").unwrap(),
-            size,
-        }
-    }
+    use crate::explain::tests::class;
 
     #[test]
     fn room_counts_each_bound_that_fits_up_to_the_cap() {
