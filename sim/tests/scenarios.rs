@@ -4,7 +4,6 @@
 //! baselines against a brute-force reference on tiny inputs.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use placement::Resources;
 use placement::policy::Policy;
@@ -35,8 +34,9 @@ fn cluster(nodes: usize, vcpus: u32, mem_gib: u64) -> ClusterSpec {
     }
 }
 
-/// A trace in the simple format: (arrival s, lifetime s, vCPUs, memory MiB).
-fn trace(rows: &[(u64, u64, u32, u64)]) -> (tempfile::TempDir, PathBuf) {
+/// A trace in the simple format, (arrival s, lifetime s, vCPUs, memory MiB), replayed with
+/// each tick's requests at its start (the directory holding it goes with the guard).
+fn trace(rows: &[(u64, u64, u32, u64)]) -> (tempfile::TempDir, WorkloadSpec) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.csv");
     let mut f = std::fs::File::create(&path).unwrap();
@@ -44,7 +44,12 @@ fn trace(rows: &[(u64, u64, u32, u64)]) -> (tempfile::TempDir, PathBuf) {
     for (a, l, c, m) in rows {
         writeln!(f, "{a},{l},{c},{m}").unwrap();
     }
-    (dir, path)
+    let w = WorkloadSpec::Trace {
+        path,
+        limit: None,
+        ticks: TickArrivals::Instant,
+    };
+    (dir, w)
 }
 
 fn updraft_cfg(policy: Policy, seed: u64) -> UpdraftConfig {
@@ -89,12 +94,7 @@ fn run(kind: PolicyKind, c: &ClusterSpec, w: &WorkloadSpec, seed: u64) -> Report
 fn a_workload_that_exactly_fills_the_cluster_is_all_placed() {
     // 4 nodes of 16 vCPU / 64 GiB; 32 VMs of 2 vCPU / 8 GiB fill them to the last byte
     let rows: Vec<_> = (0..32).map(|i| (i, 1_000, 2, 8192)).collect();
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(4, 16, 64);
     for kind in PolicyKind::ALL {
         let r = run(kind, &c, &w, 1);
@@ -116,12 +116,7 @@ fn what_cannot_fit_fails_and_nothing_else_does() {
     // one more VM than fits, and one larger than any node
     let mut rows: Vec<_> = (0..33).map(|i| (i, 1_000, 2, 8192)).collect();
     rows.push((40, 1_000, 32, 200 * 1024));
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(4, 16, 64);
     for kind in PolicyKind::ALL {
         let r = run(kind, &c, &w, 1);
@@ -138,12 +133,7 @@ fn what_cannot_fit_fails_and_nothing_else_does() {
 fn departures_make_room_for_waiting_requests() {
     // the cluster holds one VM at a time; each lives 10 s; the second waits for the first
     let rows = vec![(0, 10, 16, 60 * 1024), (1, 10, 16, 60 * 1024)];
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(1, 16, 64);
     for kind in [
         PolicyKind::Updraft,
@@ -251,12 +241,7 @@ fn central_baselines_match_a_brute_force_reference_on_tiny_inputs() {
                 (i as u64, 1_000, v, m)
             })
             .collect();
-        let (_d, path) = trace(&reqs);
-        let w = WorkloadSpec::Trace {
-            path,
-            limit: None,
-            ticks: TickArrivals::Instant,
-        };
+        let (_d, w) = trace(&reqs);
         let rs: Vec<Resources> = reqs
             .iter()
             .map(|(_, _, v, m)| Resources::new(*v, *m, 0))
@@ -294,12 +279,7 @@ fn central_baselines_match_a_brute_force_reference_on_tiny_inputs() {
 fn a_burst_queues_at_a_central_scheduler_one_decision_after_another() {
     // 100 nodes; 50 requests at once, each fits anywhere
     let rows: Vec<_> = (0..50).map(|_| (0, 3_600, 1, 1024)).collect();
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(100, 16, 64);
     // Nova-like: every host filtered and weighed, 133 µs each: 13.3 ms a decision
     let nova = run(PolicyKind::Nova, &c, &w, 1);
@@ -325,12 +305,7 @@ fn a_burst_queues_at_a_central_scheduler_one_decision_after_another() {
 fn requests_the_scheduler_cannot_reach_before_their_deadline_fail() {
     // 1,000 nodes: 133 ms a Nova decision; a burst of 100 with a 5 s deadline
     let rows: Vec<_> = (0..100).map(|_| (0, 3_600, 1, 1024)).collect();
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(1_000, 16, 64);
     let cfg = CentralConfig {
         deadline: 5_000,
@@ -374,12 +349,7 @@ fn a_node_that_hands_a_request_back_lets_a_peer_take_it() {
     // node took first (a standing flag elects some) would otherwise sit where no node in use,
     // short of its bound, pulls, until its deadline.
     let rows: Vec<_> = (0..40).map(|i| (i, 3_600, 2, 8192)).collect();
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(6, 16, 64);
     let mut cfg = updraft_cfg(Policy::Pack, 3);
     cfg.build_failure_rate = 0.25;
@@ -403,12 +373,7 @@ fn a_node_in_use_takes_a_class_its_credit_left_out_at_once() {
     // is waiting on that class and takes it at once; without cover pulls it waits for its
     // spill deadline (500 ms) and the flag after it.
     let rows = [(0, 3_600, 1, 512), (10, 3_600, 2, 16_384)];
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let c = cluster(1, 64, 48);
     let waits = |cover: bool| {
         let mut cfg = updraft_cfg(Policy::Pack, 1);
@@ -444,12 +409,7 @@ fn a_class_no_node_in_use_can_hold_is_taken_at_once_by_a_standing_flag() {
     assert!((1..16).contains(&tier0), "{tier0} nodes of tier 0");
     let mut rows: Vec<(u64, u64, u32, u64)> = (0..tier0).map(|_| (0, 3_600, 2, 20_480)).collect();
     rows.extend((1..=10).map(|i| (30 * i, 20, 2, 16_384)));
-    let (_d, path) = trace(&rows);
-    let w = WorkloadSpec::Trace {
-        path,
-        limit: None,
-        ticks: TickArrivals::Instant,
-    };
+    let (_d, w) = trace(&rows);
     let last_wait = |below: u64| {
         let mut cfg = updraft_cfg(Policy::Pack, 1);
         cfg.standing_below = below;
